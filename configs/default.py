@@ -1,0 +1,95 @@
+"""Every config field of jaxddp, with its default and meaning.
+
+Dataset and recipe configs start from this one and override fields. Values that
+follow from others (steps per epoch, total steps, warmup steps, per-device batch)
+are computed in code (jaxddp/config.py) so that command-line overrides such as
+--config.train.batch_size=512 rescale everything that depends on them.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Seed for parameter initialisation and the training order of the data.
+  config.seed = 0
+
+  config.dataset = ml_collections.ConfigDict()
+  # One of: mnist1d, digits, synthetic (embedded, no download).
+  config.dataset.name = "mnist1d"
+  # Training-time augmentation of embedded 1-D signals: random circular shift of
+  # up to this many positions (0 disables it).
+  config.dataset.max_shift = 0
+  # Only for name=synthetic: shape of one example (channels last), number of
+  # classes, and the number of train and test examples.
+  config.dataset.synthetic_shape = (32, 32, 3)
+  config.dataset.synthetic_num_classes = 10
+  config.dataset.synthetic_train_size = 4096
+  config.dataset.synthetic_test_size = 1024
+
+  config.model = ml_collections.ConfigDict()
+  # One of: cnn, resnet18, resnet34, resnet50, resnet101, resnet152. Every model
+  # works on 1-D signals (N, L, C) and 2-D images (N, H, W, C).
+  config.model.name = "cnn"
+  # Normalisation layer: batch_norm.
+  config.model.norm = "batch_norm"
+  # True: batch-norm statistics are computed over the global batch (synchronised
+  # across devices), so 1 device and 8 devices give the same numbers.
+  # False: each device normalises with its own local batch; the running averages
+  # are then averaged across devices after every step.
+  config.model.sync_batch_stats = True
+  # Momentum of the batch-norm running averages.
+  config.model.bn_momentum = 0.9
+  # Channels of the first stage; later stages double it.
+  config.model.width = 64
+  # ResNet stem: imagenet (7x7 stride-2 conv + max-pool), small (3x3 stride-1 conv,
+  # no pool), or auto (imagenet for inputs of 64 pixels or more, else small).
+  config.model.stem = "auto"
+
+  config.optimizer = ml_collections.ConfigDict()
+  # One of: sgd, momentum, nesterov, adamw.
+  config.optimizer.name = "momentum"
+  # Peak learning rate (reached after warmup).
+  config.optimizer.learning_rate = 0.1
+  # Momentum of momentum/nesterov, and b1 of adamw.
+  config.optimizer.momentum = 0.9
+  # Weight decay (L2 added to the gradient for sgd/momentum/nesterov, decoupled
+  # for adamw). Not applied to biases and normalisation parameters.
+  config.optimizer.weight_decay = 5e-4
+  # Linear warmup from 0 to the peak learning rate over this many epochs.
+  config.optimizer.warmup_epochs = 0.0
+  # Shape of the learning rate after warmup: cosine (to 0 at the end) or constant.
+  config.optimizer.schedule = "cosine"
+
+  config.train = ml_collections.ConfigDict()
+  # Global batch size: summed over every device of every process.
+  config.train.batch_size = 128
+  # Length of training in epochs ...
+  config.train.num_epochs = 10
+  # ... or in optimizer steps: when > 0 this overrides num_epochs.
+  config.train.num_steps = 0
+  # Global batch size for evaluation; 0 means the training batch size.
+  config.train.eval_batch_size = 0
+  # Write training metrics every this many steps.
+  config.train.log_every = 50
+  # Evaluate on the test split every this many steps (and always at the end);
+  # 0 means only at the end.
+  config.train.eval_every = 0
+  # Save a checkpoint every this many steps (and always at the end).
+  config.train.checkpoint_every = 1000
+  # Number of most recent checkpoints to keep.
+  config.train.keep_checkpoints = 3
+
+  config.parallel = ml_collections.ConfigDict()
+  # How the per-device step is mapped over devices: shard_map or pmap.
+  config.parallel.backend = "shard_map"
+  # On CPU, emulate this many devices and train on all of them (0 = JAX's
+  # default device set). Must be set before JAX starts, so use it from the
+  # command line or call jaxddp.parallel.set_cpu_device_count early.
+  config.parallel.cpu_devices = 0
+  # Steps dispatched ahead of the host. 2 keeps the devices busy while bounding
+  # the work in flight (unbounded dispatch can deadlock CPU collectives).
+  config.parallel.max_steps_in_flight = 2
+
+  return config

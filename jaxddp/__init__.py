@@ -1,0 +1,1 @@
+"""jaxddp: data-parallel training of vision models in JAX/Flax."""

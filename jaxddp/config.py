@@ -1,0 +1,145 @@
+"""Config validation and the resolved recipe (every value derived from the config).
+
+A bad config fails here, before anything is compiled or written, with one line
+that names the field, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+
+DATASETS = ("mnist1d", "digits", "synthetic")
+MODELS = ("cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+NORMS = ("batch_norm",)
+STEMS = ("auto", "imagenet", "small")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
+SCHEDULES = ("cosine", "constant")
+BACKENDS = ("shard_map", "pmap")
+
+
+class ConfigError(ValueError):
+  """A user error in the config or the command line; reported as one line."""
+
+
+def _choice(config: ml_collections.ConfigDict, field: str, valid: tuple[str, ...]) -> None:
+  value = _get(config, field)
+  if value not in valid:
+    raise ConfigError(f"config.{field}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def _positive(config: ml_collections.ConfigDict, field: str, allow_zero: bool = False) -> None:
+  value = _get(config, field)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      value >= 0 if allow_zero else value > 0)
+  if not ok:
+    wanted = "a number >= 0" if allow_zero else "a number > 0"
+    raise ConfigError(f"config.{field}={value!r} is not valid; it must be {wanted}")
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks names and ranges that need no knowledge of devices or data."""
+  _choice(config, "dataset.name", DATASETS)
+  _choice(config, "model.name", MODELS)
+  _choice(config, "model.norm", NORMS)
+  _choice(config, "model.stem", STEMS)
+  _choice(config, "optimizer.name", OPTIMIZERS)
+  _choice(config, "optimizer.schedule", SCHEDULES)
+  _choice(config, "parallel.backend", BACKENDS)
+  for field in ("train.batch_size", "train.log_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "model.width", "optimizer.learning_rate",
+                "parallel.max_steps_in_flight"):
+    _positive(config, field)
+  for field in ("train.num_epochs", "train.num_steps", "train.eval_every",
+                "train.eval_batch_size", "optimizer.weight_decay", "optimizer.warmup_epochs",
+                "parallel.cpu_devices", "dataset.max_shift"):
+    _positive(config, field, allow_zero=True)
+  if config.train.num_steps == 0 and config.train.num_epochs == 0:
+    raise ConfigError("config.train.num_epochs=0 and config.train.num_steps=0: "
+                      "set one of them to a number > 0")
+  if config.dataset.name == "synthetic":
+    shape = tuple(config.dataset.synthetic_shape)
+    if len(shape) not in (2, 3) or any(not isinstance(d, int) or d <= 0 for d in shape):
+      raise ConfigError(f"config.dataset.synthetic_shape={shape!r} is not valid; it must be "
+                        "(length, channels) or (height, width, channels) of positive ints")
+    for field in ("dataset.synthetic_num_classes", "dataset.synthetic_train_size",
+                  "dataset.synthetic_test_size"):
+      _positive(config, field)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """The numbers a run actually uses, derived from the config, data and devices."""
+  num_processes: int
+  num_devices: int
+  global_batch_size: int
+  per_process_batch_size: int
+  per_device_batch_size: int
+  eval_global_batch_size: int
+  num_train_examples: int
+  num_test_examples: int
+  steps_per_epoch: int
+  total_steps: int
+  epochs: float
+  warmup_steps: int
+  peak_learning_rate: float
+  eval_steps: int
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _divisible(field: str, value: int, num_devices: int, num_processes: int) -> None:
+  if value % num_devices:
+    raise ConfigError(
+        f"config.{field}={value} is not divisible by the {num_devices} devices; use a "
+        f"multiple of {num_devices} (e.g. {max(1, round(value / num_devices)) * num_devices})")
+  if value % num_processes:
+    raise ConfigError(f"config.{field}={value} is not divisible by the {num_processes} processes")
+
+
+def resolve(config: ml_collections.ConfigDict, *, num_train_examples: int, num_test_examples: int,
+            num_devices: int, num_processes: int = 1) -> Recipe:
+  """Derives batch splits, step counts and the schedule's anchors from the config."""
+  batch = config.train.batch_size
+  _divisible("train.batch_size", batch, num_devices, num_processes)
+  eval_batch = config.train.eval_batch_size or batch
+  _divisible("train.eval_batch_size", eval_batch, num_devices, num_processes)
+  steps_per_epoch = num_train_examples // batch
+  if steps_per_epoch == 0:
+    raise ConfigError(f"config.train.batch_size={batch} is larger than the {num_train_examples} "
+                      "training examples; use a smaller batch")
+  if config.train.num_steps > 0:
+    total_steps = int(config.train.num_steps)
+  else:
+    total_steps = max(1, math.ceil(config.train.num_epochs * steps_per_epoch))
+  warmup_steps = round(config.optimizer.warmup_epochs * steps_per_epoch)
+  if warmup_steps >= total_steps and warmup_steps > 0:
+    raise ConfigError(f"config.optimizer.warmup_epochs={config.optimizer.warmup_epochs} gives "
+                      f"{warmup_steps} warmup steps, not fewer than the {total_steps} total steps")
+  return Recipe(
+      num_processes=num_processes,
+      num_devices=num_devices,
+      global_batch_size=batch,
+      per_process_batch_size=batch // num_processes,
+      per_device_batch_size=batch // num_devices,
+      eval_global_batch_size=eval_batch,
+      num_train_examples=num_train_examples,
+      num_test_examples=num_test_examples,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps,
+      epochs=total_steps / steps_per_epoch,
+      warmup_steps=warmup_steps,
+      peak_learning_rate=float(config.optimizer.learning_rate),
+      eval_steps=math.ceil(num_test_examples / eval_batch),
+  )

@@ -1,0 +1,120 @@
+"""Metric reduction and writers: metrics.jsonl, TensorBoard, and console progress.
+
+Steps return (sum, count) pairs already summed over devices; the host adds them
+over a logging window and divides once, so averages are exact whatever the
+number of devices or the size of the last eval batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+
+class SumCounter:
+  """Adds per-step sums (loss_sum, correct_sum, count) and reports averages."""
+
+  def __init__(self):
+    self.sums: dict[str, float] = {}
+
+  def add(self, sums: dict[str, float]) -> None:
+    for key in ("loss_sum", "correct_sum", "count"):
+      self.sums[key] = self.sums.get(key, 0.0) + sums[key]
+
+  @property
+  def count(self) -> float:
+    return self.sums.get("count", 0.0)
+
+  def averages(self) -> dict[str, float]:
+    count = self.count
+    return {"loss": self.sums["loss_sum"] / count, "accuracy": self.sums["correct_sum"] / count}
+
+
+class MetricWriter:
+  """Writes scalars to workdir/metrics.jsonl and TensorBoard; silent off process 0."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl: TextIO | None = None
+    self._tensorboard = None
+    if enabled:
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      from tensorboardX import SummaryWriter
+      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+    for name, value in scalars.items():
+      self._tensorboard.add_scalar(name, value, step)
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tensorboard.close()
+
+
+class Progress:
+  """A progress bar on a terminal, plain periodic lines otherwise (logs, CI, pipes)."""
+
+  def __init__(self, total_steps: int, start_step: int, enabled: bool = True,
+               stream: TextIO = sys.stdout):
+    self.enabled = enabled
+    self.stream = stream
+    self.total_steps = total_steps
+    self.start_step = start_step
+    self.start_time = time.time()
+    self._bar = None
+    if enabled and stream.isatty():
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=stream,
+                       dynamic_ncols=True)
+
+  def update(self, step: int, scalars: dict[str, float]) -> None:
+    """Called at each logging step with the window's metrics; `step` is steps done."""
+    if not self.enabled:
+      return
+    shown = {"loss": scalars["train/loss"], "acc": scalars["train/accuracy"],
+             "ex/s": scalars["train/examples_per_second"]}
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=True)
+      return
+    elapsed = time.time() - self.start_time
+    done = step - self.start_step
+    eta = elapsed / done * (self.total_steps - step) if done else float("nan")
+    self.print(f"step {step}/{self.total_steps}  loss {shown['loss']:.4f}  "
+               f"accuracy {shown['acc']:.4f}  {shown['ex/s']:.0f} examples/s  "
+               f"ETA {_duration(eta)}")
+
+  def print(self, line: str) -> None:
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(line, file=self.stream)
+    else:
+      print(line, file=self.stream, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def format_recipe(recipe: dict[str, Any]) -> str:
+  width = max(len(k) for k in recipe)
+  return "\n".join(f"  {k:<{width}}  {v}" for k, v in recipe.items())

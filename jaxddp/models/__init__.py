@@ -1,0 +1,43 @@
+"""Model registry: config.model -> a Flax module called as model(x, train=...)."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import ml_collections
+
+from jaxddp.models.cnn import CNN
+from jaxddp.models.resnet import BasicBlock, BottleneckBlock, ResNet
+
+RESNETS = {
+    "resnet18": ([2, 2, 2, 2], BasicBlock),
+    "resnet34": ([3, 4, 6, 3], BasicBlock),
+    "resnet50": ([3, 4, 6, 3], BottleneckBlock),
+    "resnet101": ([3, 4, 23, 3], BottleneckBlock),
+    "resnet152": ([3, 8, 36, 3], BottleneckBlock),
+}
+
+
+def norm_layer(config: ml_collections.ConfigDict):
+  """The normalisation layer every built-in model uses, from config.model.
+
+  With sync_batch_stats the batch statistics are averaged over the "data" axis
+  inside the step (cross-device batch norm); the caller must then run the model
+  inside pmap/shard_map over that axis when training.
+  """
+  axis_name = "data" if config.model.sync_batch_stats else None
+  return functools.partial(nn.BatchNorm, momentum=config.model.bn_momentum, epsilon=1e-5,
+                           axis_name=axis_name)
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  name = config.model.name
+  norm = norm_layer(config)
+  if name == "cnn":
+    return CNN(num_classes=num_classes, norm=norm, width=config.model.width)
+  if name in RESNETS:
+    stage_sizes, block = RESNETS[name]
+    return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes, norm=norm,
+                  width=config.model.width, stem=config.model.stem)
+  raise ValueError(f"unknown model {name!r}")  # config.validate catches this first

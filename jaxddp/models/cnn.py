@@ -1,0 +1,31 @@
+"""A small CNN for 1-D signals (N, L, C) and 2-D images (N, H, W, C)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Callable[..., Any]
+
+
+class CNN(nn.Module):
+  """Three stages of two conv-norm-relu layers, each stage halving the resolution."""
+  num_classes: int
+  norm: ModuleDef
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    spatial_dims = x.ndim - 2
+    kernel = (3,) * spatial_dims
+    for stage in range(3):
+      for _ in range(2):
+        x = nn.Conv(self.width * 2**stage, kernel, padding="SAME", use_bias=False)(x)
+        x = self.norm(use_running_average=not train)(x)
+        x = nn.relu(x)
+      if min(x.shape[1:-1]) >= 2:
+        x = nn.max_pool(x, (2,) * spatial_dims, strides=(2,) * spatial_dims)
+    x = x.mean(axis=tuple(range(1, 1 + spatial_dims)))
+    return nn.Dense(self.num_classes)(x)

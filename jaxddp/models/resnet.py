@@ -1,0 +1,81 @@
+"""ResNet v1.5 (stride on the 3x3 conv of the bottleneck) for 1-D and 2-D inputs."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Callable[..., Any]
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions (ResNet-18/34)."""
+  filters: int
+  strides: int
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    d = x.ndim - 2
+    norm = lambda: self.norm(use_running_average=not train)
+    y = nn.Conv(self.filters, (3,) * d, (self.strides,) * d, padding="SAME", use_bias=False)(x)
+    y = nn.relu(norm()(y))
+    y = nn.Conv(self.filters, (3,) * d, padding="SAME", use_bias=False)(y)
+    y = norm()(y)
+    if x.shape != y.shape:
+      x = nn.Conv(self.filters, (1,) * d, (self.strides,) * d, use_bias=False)(x)
+      x = norm()(x)
+    return nn.relu(x + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 reduce, 3x3 (carrying the stride: v1.5), 1x1 expand by 4 (ResNet-50 and up)."""
+  filters: int
+  strides: int
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    d = x.ndim - 2
+    norm = lambda: self.norm(use_running_average=not train)
+    y = nn.Conv(self.filters, (1,) * d, use_bias=False)(x)
+    y = nn.relu(norm()(y))
+    y = nn.Conv(self.filters, (3,) * d, (self.strides,) * d, padding="SAME", use_bias=False)(y)
+    y = nn.relu(norm()(y))
+    y = nn.Conv(self.filters * 4, (1,) * d, use_bias=False)(y)
+    y = norm()(y)
+    if x.shape != y.shape:
+      x = nn.Conv(self.filters * 4, (1,) * d, (self.strides,) * d, use_bias=False)(x)
+      x = norm()(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  stage_sizes: Sequence[int]
+  block: type[nn.Module]
+  num_classes: int
+  norm: ModuleDef
+  width: int = 64
+  stem: str = "auto"  # imagenet | small | auto
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    d = x.ndim - 2
+    stem = self.stem
+    if stem == "auto":
+      stem = "imagenet" if min(x.shape[1:-1]) >= 64 else "small"
+    if stem == "imagenet":
+      x = nn.Conv(self.width, (7,) * d, (2,) * d, padding="SAME", use_bias=False)(x)
+      x = nn.relu(self.norm(use_running_average=not train)(x))
+      x = nn.max_pool(x, (3,) * d, strides=(2,) * d, padding="SAME")
+    else:
+      x = nn.Conv(self.width, (3,) * d, padding="SAME", use_bias=False)(x)
+      x = nn.relu(self.norm(use_running_average=not train)(x))
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for index in range(num_blocks):
+        strides = 2 if stage > 0 and index == 0 else 1
+        x = self.block(self.width * 2**stage, strides, self.norm)(x, train)
+    x = x.mean(axis=tuple(range(1, 1 + d)))
+    return nn.Dense(self.num_classes)(x)

@@ -1,0 +1,132 @@
+"""The two data-parallel backends behind one small interface.
+
+Both map the per-device steps of jaxddp.steps over the devices on the axis
+"data" and give the same numbers:
+
+* ShardMapBackend: jax.jit(jax.shard_map(step)) over a 1-D mesh; the state is
+  one replicated global array per leaf, the batch a global array split over
+  "data" (assembled from each process's slice).
+* PmapBackend: jax.pmap(step); the state carries a leading axis of one copy per
+  local device, the batch a leading axis of one slice per local device.
+
+A backend converts between the host view (a plain TrainState, the local batch)
+and its device view: put_state / host_state, put_batch, and runs train_step /
+eval_step on the device view.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxddp import steps
+from jaxddp.config import ConfigError
+from jaxddp.state import TrainState
+
+
+def set_cpu_device_count(count: int) -> None:
+  """Emulates `count` CPU devices; effective only before JAX initialises its backends."""
+  if count > 0:
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def select_devices(cpu_devices: int) -> list[jax.Device]:
+  """The devices to train on: all of them, or the first `cpu_devices` CPU devices."""
+  devices = jax.devices()
+  if cpu_devices <= 0 or devices[0].platform != "cpu":
+    return devices
+  if jax.process_count() > 1:
+    return devices  # every process contributes its own emulated devices
+  if cpu_devices > len(devices):
+    raise ConfigError(
+        f"config.parallel.cpu_devices={cpu_devices} but JAX was started with {len(devices)} "
+        "CPU devices; set it before JAX starts (from the command line)")
+  return devices[:cpu_devices]
+
+
+class ShardMapBackend:
+  name = "shard_map"
+
+  def __init__(self, devices: list[jax.Device], train_step: Callable, eval_step: Callable):
+    self.mesh = Mesh(np.asarray(devices), (steps.AXIS,), axis_types=(AxisType.Auto,))
+    self.num_devices = len(devices)
+    self._replicated = NamedSharding(self.mesh, P())
+    self._split = NamedSharding(self.mesh, P(steps.AXIS))
+    data = P(steps.AXIS)
+    self._train_step = jax.jit(
+        jax.shard_map(train_step, mesh=self.mesh, in_specs=(P(), data), out_specs=(P(), P())),
+        donate_argnums=0)
+    self._eval_step = jax.jit(
+        jax.shard_map(eval_step, mesh=self.mesh, in_specs=(P(), data), out_specs=P()))
+
+  def put_state(self, state: TrainState) -> TrainState:
+    return jax.device_put(state, self._replicated)
+
+  def host_state(self, state: TrainState) -> TrainState:
+    return state
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(self._split, v) for k, v in batch.items()}
+
+  def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    return self._train_step(state, batch)
+
+  def eval_step(self, state: TrainState, batch: dict) -> dict:
+    return self._eval_step(state, batch)
+
+  @staticmethod
+  def metrics_to_host(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+class PmapBackend:
+  name = "pmap"
+
+  def __init__(self, devices: list[jax.Device], train_step: Callable, eval_step: Callable):
+    self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
+    self.num_devices = len(devices)
+    self._mesh = Mesh(np.asarray(self.local_devices), (steps.AXIS,),
+                      axis_types=(AxisType.Auto,))
+    self._split = NamedSharding(self._mesh, P(steps.AXIS))
+    self._train_step = jax.pmap(train_step, axis_name=steps.AXIS, devices=self.local_devices,
+                                donate_argnums=0)
+    self._eval_step = jax.pmap(eval_step, axis_name=steps.AXIS, devices=self.local_devices)
+
+  def put_state(self, state: TrainState) -> TrainState:
+    n = len(self.local_devices)
+    copies = lambda x: np.broadcast_to(np.asarray(x)[None], (n, *np.shape(x)))
+    return jax.device_put(jax.tree.map(copies, state), self._split)
+
+  def host_state(self, state: TrainState) -> TrainState:
+    return jax.tree.map(lambda x: x[0], state)
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    n = len(self.local_devices)
+    per_device = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    return jax.device_put({k: per_device(v) for k, v in batch.items()}, self._split)
+
+  def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    return self._train_step(state, batch)
+
+  def eval_step(self, state: TrainState, batch: dict) -> dict:
+    return self._eval_step(state, batch)
+
+  @staticmethod
+  def metrics_to_host(metrics: dict) -> dict[str, float]:
+    return {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+
+
+Backend = ShardMapBackend | PmapBackend
+
+
+def create_backend(config: ml_collections.ConfigDict, devices: list[jax.Device],
+                   learning_rate_fn: Callable) -> Backend:
+  train_step = functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn,
+                                 sync_batch_stats=config.model.sync_batch_stats)
+  backend = {"shard_map": ShardMapBackend, "pmap": PmapBackend}[config.parallel.backend]
+  return backend(devices, train_step, steps.eval_step)

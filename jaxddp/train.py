@@ -1,0 +1,159 @@
+"""train_and_evaluate: the whole training run, top to bottom.
+
+1. Check the config, find the devices, load the data, resolve the recipe:
+   every user error surfaces here, before anything compiles or is written.
+2. Build the model, optimizer and state; resume from the latest checkpoint.
+3. Train: dispatch steps with a bounded number in flight, log, evaluate,
+   checkpoint, stop cleanly on SIGTERM, stop loudly on a non-finite loss.
+4. Evaluate on the whole test split and report.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import time
+
+import jax
+import ml_collections
+
+from jaxddp import config as config_lib
+from jaxddp import data, models, optim, parallel
+from jaxddp.checkpoint import Checkpointer, StopSignal
+from jaxddp.metrics import MetricWriter, Progress, SumCounter, format_recipe
+from jaxddp.state import create_train_state
+
+
+class TrainingInterrupted(Exception):
+  """A signal stopped the run after it saved a checkpoint; rerun to resume."""
+
+  def __init__(self, signal_name: str, signum: int, step: int):
+    super().__init__(f"stopped by {signal_name} after step {step}; a checkpoint was saved, "
+                     "run the same command again to resume")
+    self.signum = signum
+
+
+class NonFiniteLossError(Exception):
+  """The training loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains data-parallel on every selected device; returns the final eval metrics."""
+  # --- 1. Config, devices, data, recipe: fail before compiling or writing. ---
+  config_lib.validate(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"--workdir={workdir} is a file; give a directory")
+  devices = parallel.select_devices(config.parallel.cpu_devices)
+  dataset = data.load_dataset(config)
+  recipe = config_lib.resolve(config, num_train_examples=len(dataset.train_x),
+                              num_test_examples=len(dataset.test_x), num_devices=len(devices),
+                              num_processes=jax.process_count())
+  is_main_process = jax.process_index() == 0
+
+  # --- 2. Model, optimizer, state, and the latest checkpoint if there is one. ---
+  model = models.create_model(config, dataset.num_classes)
+  schedule = optim.learning_rate_schedule(config, recipe)
+  tx = optim.create_optimizer(config, schedule)
+  backend = parallel.create_backend(config, devices, schedule)
+  state = backend.put_state(create_train_state(model, tx, dataset.input_shape, config.seed))
+  checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
+  state = backend.put_state(checkpointer.restore_latest(backend.host_state(state)))
+  start_step = int(jax.device_get(backend.host_state(state).step))
+
+  progress = Progress(recipe.total_steps, start_step, enabled=is_main_process)
+  if is_main_process:
+    _save_config(workdir, config, recipe)
+    progress.print(f"jaxddp: {backend.name} on {recipe.num_devices} {devices[0].platform} "
+                   f"device(s), {recipe.num_processes} process(es)\nresolved recipe:\n"
+                   f"{format_recipe(recipe.to_dict())}")
+    if start_step:
+      progress.print(f"resuming from the checkpoint at step {start_step}")
+  writer = MetricWriter(workdir, enabled=is_main_process)
+
+  def evaluate(state) -> dict[str, float]:
+    counter = SumCounter()
+    for batch in data.eval_batches(dataset.test_x, dataset.test_y,
+                                   global_batch_size=recipe.eval_global_batch_size,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count()):
+      counter.add(backend.metrics_to_host(backend.eval_step(state, backend.put_batch(batch))))
+    return counter.averages()
+
+  # --- 3. Train. ---
+  train_batches = data.TrainBatches(
+      dataset.train_x, dataset.train_y, global_batch_size=recipe.global_batch_size,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      max_shift=config.dataset.max_shift)
+  window = SumCounter()
+  window_start = time.time()
+  learning_rate = 0.0
+  in_flight: collections.deque = collections.deque()
+
+  def finish_oldest_step() -> None:
+    """Waits for the oldest step in flight and checks and records its metrics."""
+    nonlocal learning_rate
+    step, metrics = in_flight.popleft()
+    metrics = backend.metrics_to_host(metrics)
+    if not math.isfinite(metrics["loss_sum"]):
+      raise NonFiniteLossError(
+          f"the training loss is {metrics['loss_sum'] / metrics['count']} at step {step + 1}; "
+          f"stopping (the last good checkpoint in {checkpointer.directory} is kept)")
+    window.add(metrics)
+    learning_rate = metrics["learning_rate"]
+
+  def drain() -> None:
+    while in_flight:
+      finish_oldest_step()
+
+  run_start = time.time()
+  try:
+    with StopSignal() as stop:
+      for step in range(start_step, recipe.total_steps):
+        batch = backend.put_batch(train_batches(step))
+        state, metrics = backend.train_step(state, batch)
+        in_flight.append((step, metrics))
+        while len(in_flight) >= config.parallel.max_steps_in_flight:
+          finish_oldest_step()
+        done = step + 1  # steps completed once this one finishes
+
+        if done % config.train.log_every == 0 or done == recipe.total_steps:
+          drain()
+          seconds = time.time() - window_start
+          scalars = {f"train/{k}": v for k, v in window.averages().items()}
+          scalars["train/learning_rate"] = learning_rate
+          scalars["train/examples_per_second"] = window.count / seconds
+          writer.write(done, scalars)
+          progress.update(done, scalars)
+          window, window_start = SumCounter(), time.time()
+        if config.train.eval_every and done % config.train.eval_every == 0 \
+            and done < recipe.total_steps:
+          writer.write(done, {f"eval/{k}": v for k, v in evaluate(state).items()})
+        if done % config.train.checkpoint_every == 0 or done == recipe.total_steps:
+          drain()
+          checkpointer.save(done, backend.host_state(state))
+        if stop.received is not None:
+          drain()
+          checkpointer.save(done, backend.host_state(state))
+          raise TrainingInterrupted(stop.name, stop.received, done)
+    drain()
+
+    # --- 4. Final evaluation on every test example. ---
+    final = evaluate(state)
+    writer.write(recipe.total_steps, {f"eval/{k}": v for k, v in final.items()})
+  finally:
+    progress.close()
+    writer.close()
+    checkpointer.close()
+  progress.print(f"final test accuracy {final['accuracy']:.2%} (loss {final['loss']:.4f}) after "
+                 f"{recipe.total_steps} steps, {time.time() - run_start:.1f}s of training")
+  return final
+
+
+def _save_config(workdir: str, config: ml_collections.ConfigDict, recipe: config_lib.Recipe):
+  """Writes workdir/config.json (config and resolved recipe) atomically."""
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump({"config": config.to_dict(), "recipe": recipe.to_dict()}, f, indent=2, default=str)
+  os.replace(path + ".tmp", path)
