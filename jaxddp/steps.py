@@ -57,6 +57,9 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
   metrics = _classification_sums(logits, batch["y"], jnp.ones_like(batch["y"], jnp.float32))
   metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  # A finite loss can still be followed by an overflowing update: check the result too.
+  finite = [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(state.params)]
+  metrics["params_finite"] = jnp.all(jnp.stack(finite)).astype(jnp.float32)
   return state, metrics
 
 

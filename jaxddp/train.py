@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from jaxddp import config as config_lib
 from jaxddp import data, models, optim, parallel
 from jaxddp.checkpoint import Checkpointer, StopSignal
 from jaxddp.metrics import MetricWriter, Progress, SumCounter, format_recipe
-from jaxddp.state import create_train_state
+from jaxddp.state import TrainState, create_train_state
 
 
 class TrainingInterrupted(Exception):
@@ -39,8 +40,14 @@ class NonFiniteLossError(Exception):
   """The training loss became NaN or Inf; the last good checkpoint is kept."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains data-parallel on every selected device; returns the final eval metrics."""
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState  # host view: one copy of every array, whatever the backend
+  eval_metrics: dict[str, float]  # {"loss": ..., "accuracy": ...} on the whole test split
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+  """Trains data-parallel on every selected device, then evaluates on the test split."""
   # --- 1. Config, devices, data, recipe: fail before compiling or writing. ---
   config_lib.validate(config)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -96,10 +103,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     nonlocal learning_rate
     step, metrics = in_flight.popleft()
     metrics = backend.metrics_to_host(metrics)
-    if not math.isfinite(metrics["loss_sum"]):
+    if not math.isfinite(metrics["loss_sum"]) or metrics["params_finite"] != 1.0:
+      what = (f"the training loss is {metrics['loss_sum'] / metrics['count']}"
+              if not math.isfinite(metrics["loss_sum"]) else "the parameters became NaN or Inf")
       raise NonFiniteLossError(
-          f"the training loss is {metrics['loss_sum'] / metrics['count']} at step {step + 1}; "
-          f"stopping (the last good checkpoint in {checkpointer.directory} is kept)")
+          f"{what} at step {step + 1}; stopping (the last good checkpoint in "
+          f"{checkpointer.directory} is kept; try a lower config.optimizer.learning_rate)")
     window.add(metrics)
     learning_rate = metrics["learning_rate"]
 
@@ -148,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
   progress.print(f"final test accuracy {final['accuracy']:.2%} (loss {final['loss']:.4f}) after "
                  f"{recipe.total_steps} steps, {time.time() - run_start:.1f}s of training")
-  return final
+  return TrainResult(backend.host_state(state), final)
 
 
 def _save_config(workdir: str, config: ml_collections.ConfigDict, recipe: config_lib.Recipe):

@@ -1,0 +1,38 @@
+"""Test set-up: 8 emulated CPU devices, set before JAX starts its backends."""
+
+import os
+import sys
+
+import jax
+import pytest
+
+NUM_DEVICES = 8
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
+jax.config.update("jax_platforms", "cpu")
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)  # so `configs` imports as a package, as from the command line
+
+
+@pytest.fixture
+def tiny_config():
+  """A fast config: small CNN on MNIST-1D, few steps, frequent logs."""
+  from configs import mnist1d
+  config = mnist1d.get_config()
+  config.model.width = 8
+  config.train.batch_size = 64
+  config.train.num_steps = 10
+  config.train.log_every = 5
+  config.train.checkpoint_every = 5
+  config.optimizer.learning_rate = 0.01
+  return config
+
+
+def run_main(args, env=None, timeout=300):
+  """Runs `python -m jaxddp.main ARGS` in a subprocess; returns the CompletedProcess."""
+  import subprocess
+  full_env = dict(os.environ)
+  full_env.update(env or {})
+  return subprocess.run([sys.executable, "-m", "jaxddp.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout, env=full_env)
