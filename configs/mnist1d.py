@@ -9,6 +9,6 @@ def get_config():
   config.dataset.max_shift = 0
   config.model.name = "cnn"
   config.train.batch_size = 128
-  config.train.num_epochs = 60
+  config.train.num_epochs = 20
   config.train.eval_every = 0
   return config

@@ -11,6 +11,8 @@ same command again resumes it.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 
 from absl import flags
@@ -25,12 +27,39 @@ def _fail(message: str, status: int) -> None:
   sys.exit(status)
 
 
+def _unknown_key_message(error: str, argv: list[str]) -> str:
+  key = re.search(r"'\\?'?(\w+)", error)
+  suggestion = re.search(r'Did you mean "(\w+)"', error)
+  key = key.group(1) if key else "?"
+  flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
+               re.search(rf"\b{re.escape(key)}\b", a.split("=")[0])), "--config")
+  hint = f'; did you mean "{suggestion.group(1)}"?' if suggestion else ""
+  return f"{flag}: config has no field {key!r}{hint}"
+
+
+def _make_config_package_importable(argv: list[str]) -> None:
+  """Lets `from configs import default` work in a config file, from any directory.
+
+  Config files live in a package directory (configs/); its parent goes on sys.path.
+  """
+  for arg in argv:
+    if arg.startswith("--config=") and os.path.isfile(arg.split("=", 1)[1]):
+      config_dir = os.path.dirname(os.path.abspath(arg.split("=", 1)[1]))
+      if os.path.isfile(os.path.join(config_dir, "__init__.py")):
+        sys.path.insert(0, os.path.dirname(config_dir))
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
+  _make_config_package_importable(argv)
   try:
     flags.FLAGS(argv)
   except flags.Error as error:
     _fail(str(error).splitlines()[0], 2)
+  except (KeyError, AttributeError) as error:
+    # ml_collections reports an unknown --config.x key as KeyError/AttributeError whose
+    # message is the missing key and a suggestion ("Did you mean ...").
+    _fail(_unknown_key_message(str(error), argv), 2)
   if _CONFIG.value is None:
     _fail("--config is required, e.g. --config=configs/mnist1d.py", 2)
   if not _WORKDIR.value:
@@ -40,7 +69,12 @@ def main(argv: list[str] | None = None) -> None:
   from jaxddp import config as config_lib
   from jaxddp import parallel, train
 
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    config.to_dict()  # config_flags defers load errors to the first access
+  except Exception as error:  # a missing file, or an exception inside the config file
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    _fail(f"could not load --config: {type(error).__name__}: {lines[-1] if lines else ''}", 2)
   try:
     config_lib.validate(config)
     parallel.set_cpu_device_count(config.parallel.cpu_devices)  # before JAX starts

@@ -79,15 +79,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       progress.print(f"resuming from the checkpoint at step {start_step}")
   writer = MetricWriter(workdir, enabled=is_main_process)
 
-  def evaluate(state) -> dict[str, float]:
-    counter = SumCounter()
-    for batch in data.eval_batches(dataset.test_x, dataset.test_y,
-                                   global_batch_size=recipe.eval_global_batch_size,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count()):
-      counter.add(backend.metrics_to_host(backend.eval_step(state, backend.put_batch(batch))))
-    return counter.averages()
-
   # --- 3. Train. ---
   train_batches = data.TrainBatches(
       dataset.train_x, dataset.train_y, global_batch_size=recipe.global_batch_size,
@@ -138,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           window, window_start = SumCounter(), time.time()
         if config.train.eval_every and done % config.train.eval_every == 0 \
             and done < recipe.total_steps:
-          writer.write(done, {f"eval/{k}": v for k, v in evaluate(state).items()})
+          writer.write(done, {f"eval/{k}": v for k, v in evaluate(backend, state, dataset, recipe).items()})
         if done % config.train.checkpoint_every == 0 or done == recipe.total_steps:
           drain()
           checkpointer.save(done, backend.host_state(state))
@@ -149,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     drain()
 
     # --- 4. Final evaluation on every test example. ---
-    final = evaluate(state)
+    final = evaluate(backend, state, dataset, recipe)
     writer.write(recipe.total_steps, {f"eval/{k}": v for k, v in final.items()})
   finally:
     progress.close()
@@ -158,6 +149,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   progress.print(f"final test accuracy {final['accuracy']:.2%} (loss {final['loss']:.4f}) after "
                  f"{recipe.total_steps} steps, {time.time() - run_start:.1f}s of training")
   return TrainResult(backend.host_state(state), final)
+
+
+def evaluate(backend: parallel.Backend, state: TrainState, dataset: data.InMemoryDataset,
+             recipe: config_lib.Recipe) -> dict[str, float]:
+  """Loss and accuracy over every test example exactly once (padded, masked batches)."""
+  counter = SumCounter()
+  for batch in data.eval_batches(dataset.test_x, dataset.test_y,
+                                 global_batch_size=recipe.eval_global_batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count()):
+    counter.add(backend.metrics_to_host(backend.eval_step(state, backend.put_batch(batch))))
+  return counter.averages()
 
 
 def _save_config(workdir: str, config: ml_collections.ConfigDict, recipe: config_lib.Recipe):

@@ -29,10 +29,10 @@ def tiny_config():
   return config
 
 
-def run_main(args, env=None, timeout=300):
+def run_main(args, env=None, timeout=300, cwd=REPO):
   """Runs `python -m jaxddp.main ARGS` in a subprocess; returns the CompletedProcess."""
   import subprocess
   full_env = dict(os.environ)
   full_env.update(env or {})
-  return subprocess.run([sys.executable, "-m", "jaxddp.main", *args], cwd=REPO,
+  return subprocess.run([sys.executable, "-m", "jaxddp.main", *args], cwd=cwd,
                         capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -110,3 +110,20 @@ def test_missing_workdir():
   result = run_main([CONFIG])
   _assert_one_line_error(result, "--workdir", "required")
   assert sorted(os.listdir(REPO)) == before
+
+
+def test_missing_config_file(tmp_path):
+  workdir = tmp_path / "run"
+  result = run_main(["--config=configs/no_such_config.py", f"--workdir={workdir}"])
+  _assert_one_line_error(result, "could not load --config", "no_such_config.py")
+  assert not workdir.exists()
+
+
+def test_config_file_found_from_another_directory(tmp_path):
+  """`from configs import default` inside a config works whatever the working directory."""
+  workdir = tmp_path / "run"
+  result = run_main([f"--config={os.path.join(REPO, 'configs', 'mnist1d.py')}",
+                     f"--workdir={workdir}", "--config.train.batch_size=100",
+                     "--config.parallel.cpu_devices=8"], cwd=tmp_path)
+  # It got as far as the device check: the config itself loaded.
+  _assert_one_line_error(result, "config.train.batch_size=100")
