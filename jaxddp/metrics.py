@@ -65,16 +65,16 @@ class Progress:
   """A progress bar on a terminal, plain periodic lines otherwise (logs, CI, pipes)."""
 
   def __init__(self, total_steps: int, start_step: int, enabled: bool = True,
-               stream: TextIO = sys.stdout):
+               stream: TextIO | None = None):
     self.enabled = enabled
-    self.stream = stream
+    self.stream = stream if stream is not None else sys.stdout  # read now: it may be redirected
     self.total_steps = total_steps
     self.start_step = start_step
     self.start_time = time.time()
     self._bar = None
-    if enabled and stream.isatty():
+    if enabled and self.stream.isatty():
       from tqdm import tqdm
-      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=stream,
+      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", file=self.stream,
                        dynamic_ncols=True)
 
   def update(self, step: int, scalars: dict[str, float]) -> None:

@@ -129,7 +129,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           window, window_start = SumCounter(), time.time()
         if config.train.eval_every and done % config.train.eval_every == 0 \
             and done < recipe.total_steps:
-          writer.write(done, {f"eval/{k}": v for k, v in evaluate(backend, state, dataset, recipe).items()})
+          metrics = evaluate(backend, state, dataset, recipe)
+          writer.write(done, {f"eval/{k}": v for k, v in metrics.items()})
         if done % config.train.checkpoint_every == 0 or done == recipe.total_steps:
           drain()
           checkpointer.save(done, backend.host_state(state))

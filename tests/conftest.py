@@ -15,8 +15,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)  # so `configs` imports as a package, as from the command line
 
 
-@pytest.fixture
-def tiny_config():
+def make_tiny_config():
   """A fast config: small CNN on MNIST-1D, few steps, frequent logs."""
   from configs import mnist1d
   config = mnist1d.get_config()
@@ -27,6 +26,11 @@ def tiny_config():
   config.train.checkpoint_every = 5
   config.optimizer.learning_rate = 0.01
   return config
+
+
+@pytest.fixture
+def tiny_config():
+  return make_tiny_config()
 
 
 def run_main(args, env=None, timeout=300, cwd=REPO):
