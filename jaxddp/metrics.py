@@ -70,7 +70,7 @@ class Progress:
     self.stream = stream if stream is not None else sys.stdout  # read now: it may be redirected
     self.total_steps = total_steps
     self.start_step = start_step
-    self.start_time = time.time()
+    self._last_step, self._last_time = start_step, time.time()
     self._bar = None
     if enabled and self.stream.isatty():
       from tqdm import tqdm
@@ -87,9 +87,12 @@ class Progress:
       self._bar.update(step - self._bar.n)
       self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=True)
       return
-    elapsed = time.time() - self.start_time
-    done = step - self.start_step
-    eta = elapsed / done * (self.total_steps - step) if done else float("nan")
+    # ETA from the latest window's rate: the first window also paid for compilation.
+    now = time.time()
+    steps_done = step - self._last_step
+    eta = (now - self._last_time) / steps_done * (self.total_steps - step) if steps_done \
+        else float("nan")
+    self._last_step, self._last_time = step, now
     self.print(f"step {step}/{self.total_steps}  loss {shown['loss']:.4f}  "
                f"accuracy {shown['acc']:.4f}  {shown['ex/s']:.0f} examples/s  "
                f"ETA {_duration(eta)}")
