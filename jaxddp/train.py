@@ -87,25 +87,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   window = SumCounter()
   window_start = time.time()
   learning_rate = 0.0
-  in_flight: collections.deque = collections.deque()
+  in_flight: collections.deque = collections.deque()  # dispatched, maybe still running
+  finished: list = []  # done on the device, metrics not yet read by the host
 
-  def finish_oldest_step() -> None:
-    """Waits for the oldest step in flight and checks and records its metrics."""
+  def wait_for_oldest_step() -> None:
+    finished.append(in_flight.popleft())
+    jax.block_until_ready(finished[-1][1])
+
+  def check_steps() -> None:
+    """Waits for every step in flight, reads their metrics in one transfer, checks them."""
     nonlocal learning_rate
-    step, metrics = in_flight.popleft()
-    metrics = backend.metrics_to_host(metrics)
-    if not math.isfinite(metrics["loss_sum"]) or metrics["params_finite"] != 1.0:
-      what = (f"the training loss is {metrics['loss_sum'] / metrics['count']}"
-              if not math.isfinite(metrics["loss_sum"]) else "the parameters became NaN or Inf")
-      raise NonFiniteLossError(
-          f"{what} at step {step + 1}; stopping (the last good checkpoint in "
-          f"{checkpointer.directory} is kept; try a lower config.optimizer.learning_rate)")
-    window.add(metrics)
-    learning_rate = metrics["learning_rate"]
-
-  def drain() -> None:
     while in_flight:
-      finish_oldest_step()
+      wait_for_oldest_step()
+    for (step, _), metrics in zip(finished, jax.device_get([m for _, m in finished])):
+      metrics = backend.metrics_to_host(metrics)
+      if not math.isfinite(metrics["loss_sum"]) or metrics["params_finite"] != 1.0:
+        what = (f"the training loss is {metrics['loss_sum'] / metrics['count']}"
+                if not math.isfinite(metrics["loss_sum"]) else "the parameters became NaN or Inf")
+        raise NonFiniteLossError(
+            f"{what} at step {step + 1}; stopping (the last good checkpoint in "
+            f"{checkpointer.directory} is kept; try a lower config.optimizer.learning_rate)")
+      window.add(metrics)
+      learning_rate = metrics["learning_rate"]
+    finished.clear()
 
   run_start = time.time()
   try:
@@ -115,11 +119,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state, metrics = backend.train_step(state, batch)
         in_flight.append((step, metrics))
         while len(in_flight) >= config.parallel.max_steps_in_flight:
-          finish_oldest_step()
+          wait_for_oldest_step()  # bounds the work in flight; no transfer to the host
         done = step + 1  # steps completed once this one finishes
 
         if done % config.train.log_every == 0 or done == recipe.total_steps:
-          drain()
+          check_steps()
           seconds = time.time() - window_start
           scalars = {f"train/{k}": v for k, v in window.averages().items()}
           scalars["train/learning_rate"] = learning_rate
@@ -132,13 +136,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           metrics = evaluate(backend, state, dataset, recipe)
           writer.write(done, {f"eval/{k}": v for k, v in metrics.items()})
         if done % config.train.checkpoint_every == 0 or done == recipe.total_steps:
-          drain()
+          check_steps()
           checkpointer.save(done, backend.host_state(state))
         if stop.received is not None:
-          drain()
+          check_steps()
           checkpointer.save(done, backend.host_state(state))
           raise TrainingInterrupted(stop.name, stop.received, done)
-    drain()
+    check_steps()
 
     # --- 4. Final evaluation on every test example. ---
     final = evaluate(backend, state, dataset, recipe)
