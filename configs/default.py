@@ -92,4 +92,33 @@ def get_config() -> ml_collections.ConfigDict:
   # the work in flight (unbounded dispatch can deadlock CPU collectives).
   config.parallel.max_steps_in_flight = 2
 
+  # Multi-process runs on JAX's distributed runtime (see README, "Many hosts").
+  # With the defaults a run is one process, unless it was started by srun or
+  # mpirun with several tasks, or JAX_COORDINATOR_ADDRESS is set.
+  config.distributed = ml_collections.ConfigDict()
+  # auto: an explicit coordinator if one is given, else SLURM or Open MPI if
+  # detected, else one process. none: always one process. slurm, ompi, k8s:
+  # that cluster's detection (k8s needs `pip install 'jax[k8s]'` and is never
+  # chosen by auto, since every pod looks like Kubernetes).
+  config.distributed.cluster = "auto"
+  # Explicit launch: host:port of process 0 (also JAX_COORDINATOR_ADDRESS) ...
+  config.distributed.coordinator_address = ""
+  # ... the number of processes (also JAX_NUM_PROCESSES; 0 = from there) ...
+  config.distributed.num_processes = 0
+  # ... and this process's id in [0, num_processes) (also JAX_PROCESS_ID; -1 = from there).
+  config.distributed.process_id = -1
+  # GPUs this process uses: '' = JAX's default (under SLURM and Open MPI one GPU
+  # per process, else all), 'all' = every GPU of the node (one process per node),
+  # or a list such as '0,1,2,3' (also JAX_LOCAL_DEVICE_IDS).
+  config.distributed.local_device_ids = ""
+  # Seconds to wait for the coordinator and for every process to join.
+  config.distributed.initialization_timeout = 300
+  # Seconds without a heartbeat after which a process counts as dead; the
+  # others then stop instead of waiting for it.
+  config.distributed.heartbeat_timeout = 100
+  # Seconds without a finished training step (or eval batch, or checkpoint)
+  # after which the run stops with an error, e.g. when another process hung.
+  # 0 disables it.
+  config.distributed.hang_timeout = 1200
+
   return config

@@ -19,6 +19,7 @@ STEMS = ("auto", "imagenet", "small")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
 SCHEDULES = ("cosine", "constant")
 BACKENDS = ("shard_map", "pmap")
+CLUSTERS = ("auto", "none", "slurm", "ompi", "k8s")
 
 
 class ConfigError(ValueError):
@@ -56,13 +57,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, "optimizer.name", OPTIMIZERS)
   _choice(config, "optimizer.schedule", SCHEDULES)
   _choice(config, "parallel.backend", BACKENDS)
+  _choice(config, "distributed.cluster", CLUSTERS)
   for field in ("train.batch_size", "train.log_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "model.width", "optimizer.learning_rate",
-                "parallel.max_steps_in_flight"):
+                "parallel.max_steps_in_flight", "distributed.initialization_timeout",
+                "distributed.heartbeat_timeout"):
     _positive(config, field)
   for field in ("train.num_epochs", "train.num_steps", "train.eval_every",
                 "train.eval_batch_size", "optimizer.weight_decay", "optimizer.warmup_epochs",
-                "parallel.cpu_devices", "dataset.max_shift"):
+                "parallel.cpu_devices", "dataset.max_shift", "distributed.num_processes",
+                "distributed.hang_timeout"):
     _positive(config, field, allow_zero=True)
   if config.train.num_steps == 0 and config.train.num_epochs == 0:
     raise ConfigError("config.train.num_epochs=0 and config.train.num_steps=0: "

@@ -22,8 +22,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 
 
-def _fail(message: str, status: int) -> None:
-  print(f"jaxddp: error: {message}", file=sys.stderr, flush=True)
+def _fail(message: str, status: int, process: str = "") -> None:
+  """Prints one error line (naming the process in a multi-process run) and exits."""
+  prefix = f"[{process}] " if process else ""
+  print(f"jaxddp: error: {prefix}{message}", file=sys.stderr, flush=True)
   sys.exit(status)
 
 
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
   # Imported after flag parsing so that --help and flag errors stay fast.
   from jaxddp import config as config_lib
-  from jaxddp import parallel, train
+  from jaxddp import distributed, parallel, train
 
   try:
     config = _CONFIG.value
@@ -75,17 +77,35 @@ def main(argv: list[str] | None = None) -> None:
   except Exception as error:  # a missing file, or an exception inside the config file
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     _fail(f"could not load --config: {type(error).__name__}: {lines[-1] if lines else ''}", 2)
+  launch = None  # where this process sits in a multi-process run, once known
+  label = lambda: launch.label() if launch else ""
   try:
     config_lib.validate(config)
     parallel.set_cpu_device_count(config.parallel.cpu_devices)  # before JAX starts
+    launch = distributed.launch_settings(config)
+    distributed.initialize(launch, config)
     train.train_and_evaluate(config, _WORKDIR.value)
   except config_lib.ConfigError as error:
-    _fail(str(error), 2)
-  except train.NonFiniteLossError as error:
-    _fail(str(error), 1)
+    _fail(str(error), 2, label())
+  except (distributed.DistributedError, train.NonFiniteLossError) as error:
+    _fail(str(error), 1, label())
   except train.TrainingInterrupted as error:
-    print(f"jaxddp: {error}", file=sys.stderr, flush=True)
+    import jax
+    if jax.process_index() == 0:  # every process stopped after the same step; one says so
+      print(f"jaxddp: {error}", file=sys.stderr, flush=True)
     sys.exit(128 + error.signum)
+  except Exception as error:
+    if not (launch and launch.multi_process):
+      raise
+    # Most often a collective that failed because another process died. Exit at once:
+    # a normal exit would wait at JAX's shutdown barrier for the dead process.
+    import traceback
+    traceback.print_exc()
+    first_line = (str(error).splitlines() or [""])[0]
+    print(f"jaxddp: error: [{label()}] {type(error).__name__}: {first_line} (in a "
+          "multi-process run this usually means another process died; see its output)",
+          file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 if __name__ == "__main__":

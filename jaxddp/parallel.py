@@ -9,9 +9,10 @@ Both map the per-device steps of jaxddp.steps over the devices on the axis
 * PmapBackend: jax.pmap(step); the state carries a leading axis of one copy per
   local device, the batch a leading axis of one slice per local device.
 
-A backend converts between the host view (a plain TrainState, the local batch)
-and its device view: put_state / host_state, put_batch, and runs train_step /
-eval_step on the device view.
+A backend converts between the global view (a TrainState of arrays replicated
+on every training device of every process: what checkpoints hold) and its device
+view: put_state / global_state, put_batch (from this process's slice of the
+batch), and runs train_step / eval_step on the device view.
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ def set_cpu_device_count(count: int) -> None:
   """Emulates `count` CPU devices; effective only before JAX initialises its backends."""
   if count > 0:
     jax.config.update("jax_num_cpu_devices", count)
+
+
+def local_value(x) -> np.ndarray:
+  """This process's copy of a replicated array (works when other processes hold copies too)."""
+  return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
+
+
+def _replicate(x, sharding: NamedSharding) -> jax.Array:
+  """`x` (the same value on every process) as one array replicated over `sharding`."""
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  value = local_value(x)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def select_devices(cpu_devices: int) -> list[jax.Device]:
@@ -65,9 +79,9 @@ class ShardMapBackend:
         jax.shard_map(eval_step, mesh=self.mesh, in_specs=(P(), data), out_specs=P()))
 
   def put_state(self, state: TrainState) -> TrainState:
-    return jax.device_put(state, self._replicated)
+    return jax.tree.map(lambda x: _replicate(x, self._replicated), state)
 
-  def host_state(self, state: TrainState) -> TrainState:
+  def global_state(self, state: TrainState) -> TrainState:
     return state
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -79,31 +93,34 @@ class ShardMapBackend:
   def eval_step(self, state: TrainState, batch: dict) -> dict:
     return self._eval_step(state, batch)
 
-  @staticmethod
-  def metrics_to_host(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
-
 
 class PmapBackend:
   name = "pmap"
 
   def __init__(self, devices: list[jax.Device], train_step: Callable, eval_step: Callable):
+    # pmap runs over every device of every process (its collectives span them all);
+    # each process feeds its own devices, along the leading axis of its arrays.
     self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
     self.num_devices = len(devices)
-    self._mesh = Mesh(np.asarray(self.local_devices), (steps.AXIS,),
-                      axis_types=(AxisType.Auto,))
-    self._split = NamedSharding(self._mesh, P(steps.AXIS))
-    self._train_step = jax.pmap(train_step, axis_name=steps.AXIS, devices=self.local_devices,
+    local_mesh = Mesh(np.asarray(self.local_devices), (steps.AXIS,), axis_types=(AxisType.Auto,))
+    self._split = NamedSharding(local_mesh, P(steps.AXIS))
+    global_mesh = Mesh(np.asarray(devices), (steps.AXIS,), axis_types=(AxisType.Auto,))
+    self._replicated = NamedSharding(global_mesh, P())
+    self._train_step = jax.pmap(train_step, axis_name=steps.AXIS, devices=devices,
                                 donate_argnums=0)
-    self._eval_step = jax.pmap(eval_step, axis_name=steps.AXIS, devices=self.local_devices)
+    self._eval_step = jax.pmap(eval_step, axis_name=steps.AXIS, devices=devices)
 
   def put_state(self, state: TrainState) -> TrainState:
     n = len(self.local_devices)
-    copies = lambda x: np.broadcast_to(np.asarray(x)[None], (n, *np.shape(x)))
+    copies = lambda x: np.broadcast_to(local_value(x)[None], (n, *np.shape(x)))
     return jax.device_put(jax.tree.map(copies, state), self._split)
 
-  def host_state(self, state: TrainState) -> TrainState:
-    return jax.tree.map(lambda x: x[0], state)
+  def global_state(self, state: TrainState) -> TrainState:
+    """One replicated global array per leaf, built from the per-device copies in place."""
+    def replicated(x: jax.Array) -> jax.Array:
+      copies = [shard.data[0] for shard in x.addressable_shards]
+      return jax.make_array_from_single_device_arrays(x.shape[1:], self._replicated, copies)
+    return jax.tree.map(replicated, state)
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     n = len(self.local_devices)
@@ -116,12 +133,15 @@ class PmapBackend:
   def eval_step(self, state: TrainState, batch: dict) -> dict:
     return self._eval_step(state, batch)
 
-  @staticmethod
-  def metrics_to_host(metrics: dict) -> dict[str, float]:
-    return {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
-
 
 Backend = ShardMapBackend | PmapBackend
+
+
+def metrics_to_host(metrics: list[dict]) -> list[dict[str, float]]:
+  """Per-step metrics (equal on every device) as floats, fetched in one transfer."""
+  local_copies = jax.tree.map(lambda x: x.addressable_data(0), metrics)
+  return [{k: float(np.ravel(v)[0]) for k, v in step.items()}
+          for step in jax.device_get(local_copies)]
 
 
 def create_backend(config: ml_collections.ConfigDict, devices: list[jax.Device],

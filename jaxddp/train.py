@@ -15,13 +15,14 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 
 import jax
 import ml_collections
 
 from jaxddp import config as config_lib
-from jaxddp import data, models, optim, parallel
+from jaxddp import data, distributed, models, optim, parallel
 from jaxddp.checkpoint import Checkpointer, StopSignal
 from jaxddp.metrics import MetricWriter, Progress, SumCounter, format_recipe
 from jaxddp.state import TrainState, create_train_state
@@ -42,7 +43,7 @@ class NonFiniteLossError(Exception):
 
 @dataclasses.dataclass
 class TrainResult:
-  state: TrainState  # host view: one copy of every array, whatever the backend
+  state: TrainState  # global view: arrays replicated on every device, whatever the backend
   eval_metrics: dict[str, float]  # {"loss": ..., "accuracy": ...} on the whole test split
 
 
@@ -66,8 +67,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   backend = parallel.create_backend(config, devices, schedule)
   state = backend.put_state(create_train_state(model, tx, dataset.input_shape, config.seed))
   checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
-  state = backend.put_state(checkpointer.restore_latest(backend.host_state(state)))
-  start_step = int(jax.device_get(backend.host_state(state).step))
+  state = backend.put_state(checkpointer.restore_latest(backend.global_state(state)))
+  start_step = int(parallel.local_value(backend.global_state(state).step))
 
   progress = Progress(recipe.total_steps, start_step, enabled=is_main_process)
   if is_main_process:
@@ -93,14 +94,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def wait_for_oldest_step() -> None:
     finished.append(in_flight.popleft())
     jax.block_until_ready(finished[-1][1])
+    watchdog.pet()
 
   def check_steps() -> None:
     """Waits for every step in flight, reads their metrics in one transfer, checks them."""
     nonlocal learning_rate
     while in_flight:
       wait_for_oldest_step()
-    for (step, _), metrics in zip(finished, jax.device_get([m for _, m in finished])):
-      metrics = backend.metrics_to_host(metrics)
+    for (step, _), metrics in zip(finished, parallel.metrics_to_host([m for _, m in finished])):
       if not math.isfinite(metrics["loss_sum"]) or metrics["params_finite"] != 1.0:
         what = (f"the training loss is {metrics['loss_sum'] / metrics['count']}"
                 if not math.isfinite(metrics["loss_sum"]) else "the parameters became NaN or Inf")
@@ -112,8 +113,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     finished.clear()
 
   run_start = time.time()
+  hang = (f"no step, evaluation or checkpoint finished for {config.distributed.hang_timeout} s "
+          "(config.distributed.hang_timeout): another process may have died or hung")
+  watchdog = distributed.Watchdog(config.distributed.hang_timeout, hang,
+                                  distributed.process_label())
   try:
-    with StopSignal() as stop:
+    with StopSignal() as stop, watchdog:
       for step in range(start_step, recipe.total_steps):
         batch = backend.put_batch(train_batches(step))
         state, metrics = backend.train_step(state, batch)
@@ -135,17 +140,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             and done < recipe.total_steps:
           metrics = evaluate(backend, state, dataset, recipe)
           writer.write(done, {f"eval/{k}": v for k, v in metrics.items()})
+          watchdog.pet()
         if done % config.train.checkpoint_every == 0 or done == recipe.total_steps:
           check_steps()
-          checkpointer.save(done, backend.host_state(state))
-        if stop.received is not None:
+          checkpointer.save(done, backend.global_state(state))
+          watchdog.pet()
+        if _stop_requested(stop, done, config.train.log_every):
           check_steps()
-          checkpointer.save(done, backend.host_state(state))
-          raise TrainingInterrupted(stop.name, stop.received, done)
-    check_steps()
+          checkpointer.save(done, backend.global_state(state))
+          raise TrainingInterrupted(stop.name or "a signal to another process",
+                                    stop.received or signal.SIGTERM, done)
+      check_steps()
 
-    # --- 4. Final evaluation on every test example. ---
-    final = evaluate(backend, state, dataset, recipe)
+      # --- 4. Final evaluation on every test example. ---
+      final = evaluate(backend, state, dataset, recipe)
     writer.write(recipe.total_steps, {f"eval/{k}": v for k, v in final.items()})
   finally:
     progress.close()
@@ -153,19 +161,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     checkpointer.close()
   progress.print(f"final test accuracy {final['accuracy']:.2%} (loss {final['loss']:.4f}) after "
                  f"{recipe.total_steps} steps, {time.time() - run_start:.1f}s of training")
-  return TrainResult(backend.host_state(state), final)
+  return TrainResult(backend.global_state(state), final)
 
 
 def evaluate(backend: parallel.Backend, state: TrainState, dataset: data.InMemoryDataset,
              recipe: config_lib.Recipe) -> dict[str, float]:
   """Loss and accuracy over every test example exactly once (padded, masked batches)."""
+  batches = data.eval_batches(dataset.test_x, dataset.test_y,
+                              global_batch_size=recipe.eval_global_batch_size,
+                              process_index=jax.process_index(), process_count=jax.process_count())
   counter = SumCounter()
-  for batch in data.eval_batches(dataset.test_x, dataset.test_y,
-                                 global_batch_size=recipe.eval_global_batch_size,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count()):
-    counter.add(backend.metrics_to_host(backend.eval_step(state, backend.put_batch(batch))))
+  for metrics in parallel.metrics_to_host(
+      [backend.eval_step(state, backend.put_batch(batch)) for batch in batches]):
+    counter.add(metrics)
   return counter.averages()
+
+
+def _stop_requested(stop: StopSignal, done: int, log_every: int) -> bool:
+  """Whether to stop after step `done`. Every process must stop after the same step, so
+  in a multi-process run they agree (a small collective) at each logging step."""
+  if jax.process_count() == 1:
+    return stop.received is not None
+  return done % log_every == 0 and distributed.agree_any(stop.received is not None)
 
 
 def _save_config(workdir: str, config: ml_collections.ConfigDict, recipe: config_lib.Recipe):
