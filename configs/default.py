@@ -85,8 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   # How the per-device step is mapped over devices: shard_map or pmap.
   config.parallel.backend = "shard_map"
   # On CPU, emulate this many devices and train on all of them (0 = JAX's
-  # default device set). Must be set before JAX starts, so use it from the
-  # command line or call jaxddp.parallel.set_cpu_device_count early.
+  # default device set); in a multi-process run, this many per process. Must be
+  # set before JAX starts, so use it from the command line or call
+  # jaxddp.parallel.set_cpu_device_count early.
   config.parallel.cpu_devices = 0
   # Steps dispatched ahead of the host. 2 keeps the devices busy while bounding
   # the work in flight (unbounded dispatch can deadlock CPU collectives).

@@ -64,6 +64,7 @@ def test_batch_not_divisible_by_devices(tmp_path):
     ("model.name", ["cnn", "resnet18", "resnet50", "resnet152"]),
     ("optimizer.name", ["sgd", "momentum", "nesterov", "adamw"]),
     ("parallel.backend", ["shard_map", "pmap"]),
+    ("distributed.cluster", ["auto", "none", "slurm", "ompi", "k8s"]),
 ])
 def test_unknown_name(tmp_path, field, valid):
   result = _run_bad(tmp_path, f"--config.{field}=nope")
@@ -79,8 +80,10 @@ def test_unknown_name(tmp_path, field, valid):
     (["--config.optimizer.learning_rate=0"], ["config.optimizer.learning_rate=0", "> 0"]),
     (["--config.train.num_epochs=0", "--config.train.num_steps=0"],
      ["config.train.num_epochs=0", "config.train.num_steps=0", "> 0"]),
+    (["--config.distributed.heartbeat_timeout=0"],
+     ["config.distributed.heartbeat_timeout=0", "> 0"]),
 ], ids=["batch_size=0", "batch_size=-8", "num_steps=-1", "log_every=0", "checkpoint_every=0",
-        "learning_rate=0", "num_epochs=num_steps=0"])
+        "learning_rate=0", "num_epochs=num_steps=0", "heartbeat_timeout=0"])
 def test_non_positive(tmp_path, overrides, expected):
   result = _run_bad(tmp_path, *overrides)
   _assert_one_line_error(result, *expected)

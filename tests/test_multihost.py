@@ -248,6 +248,33 @@ def test_without_launcher_a_dead_peer_stops_the_others(tmp_path):
   assert re.search(r"another (task|process) (died|has probably died)", stderr), stderr[-2000:]
 
 
+@pytest.mark.parametrize("cluster", ["slurm", "ompi"])
+def test_cluster_detection_starts_a_multi_process_run(tmp_path, cluster):
+  # What srun and mpirun put in each task's environment, on this one machine.
+  def environment(rank):
+    if cluster == "slurm":
+      variables = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost",
+                   "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
+    else:
+      variables = {"OMPI_MCA_orte_hnp_uri": "4096.0;tcp://127.0.0.1:1",
+                   "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": str(rank),
+                   "OMPI_COMM_WORLD_LOCAL_RANK": str(rank)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR_ADDRESS",
+                                                                     "JAX_NUM", "JAX_PROCESS"))}
+    return dict(env, **variables, JAX_COORDINATOR_PORT=str(port))
+
+  port = _free_port()
+  args = [sys.executable, "-m", "jaxddp.main", *TINY, "--config.train.num_steps=5",
+          "--config.parallel.cpu_devices=2", f"--workdir={tmp_path}"]
+  processes = [subprocess.Popen(args, cwd=REPO, env=environment(rank), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for rank in range(2)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:]
+  assert "jaxddp: shard_map on 4 cpu device(s), 2 process(es)" in outputs[0][0]
+  assert "final test accuracy" in outputs[0][0] and "final test accuracy" not in outputs[1][0]
+
+
 def test_unreachable_coordinator_is_a_clear_error(tmp_path):
   address = f"127.0.0.1:{_free_port()}"  # nobody listens there
   completed = run_main(["--config=configs/mnist1d.py", f"--workdir={tmp_path}",
@@ -339,13 +366,9 @@ def test_launch_settings_errors(environ, distributed, message):
   assert str(error.value) == message
 
 
-def test_kubernetes_needs_its_package_or_explicit_settings():
+def test_kubernetes_needs_its_package_or_explicit_settings(monkeypatch):
   from jaxddp.config import ConfigError
-  try:
-    import kubernetes  # noqa: F401
-    pytest.skip("the kubernetes package is installed here")  # not in jaxddp's test pins
-  except ImportError:
-    pass
+  monkeypatch.setitem(sys.modules, "kubernetes", None)  # `import kubernetes` fails
   with pytest.raises(ConfigError, match=r"pip install 'jax\[k8s\]'; or set JAX_COORDINATOR"):
     _settings({"KUBERNETES_SERVICE_HOST": "10.0.0.9"}, cluster="k8s")
 
