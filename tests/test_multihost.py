@@ -47,6 +47,9 @@ def _records(workdir, key):
 
 def _assert_same_eval(a, b, num_examples=1000):
   """Same final eval metrics: loss to float32 reduction-order noise, accuracy to one example."""
+  print(f"final eval loss {a['eval/loss']:.6f} vs {b['eval/loss']:.6f} (relative difference "
+        f"{abs(a['eval/loss'] - b['eval/loss']) / b['eval/loss']:.1e}), accuracy "
+        f"{a['eval/accuracy']:.3f} vs {b['eval/accuracy']:.3f}")
   assert a["eval/loss"] == pytest.approx(b["eval/loss"], rel=1e-4)
   assert abs(a["eval/accuracy"] - b["eval/accuracy"]) <= 1 / num_examples + 1e-9
 
@@ -110,6 +113,9 @@ def test_uneven_eval_shards_count_every_example_once(tmp_path):
   losses = -log_probs[np.arange(len(dataset.test_y)), dataset.test_y]
   # A missing or doubled example moves the mean by ~std/1000, far above the tolerance.
   assert losses.std() > 0.1
+  print(f"2 processes reported eval loss {reported['eval/loss']:.6f}, accuracy "
+        f"{reported['eval/accuracy']:.4f}; per-example reference {losses.mean():.6f}, "
+        f"{(logits.argmax(-1) == dataset.test_y).mean():.4f}")
   assert reported["eval/loss"] == pytest.approx(losses.mean(), rel=1e-5)
   assert reported["eval/accuracy"] == pytest.approx((logits.argmax(-1) == dataset.test_y).mean(),
                                                     abs=1e-9)
