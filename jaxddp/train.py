@@ -171,9 +171,8 @@ def evaluate(backend: parallel.Backend, state: TrainState, dataset: data.InMemor
                               global_batch_size=recipe.eval_global_batch_size,
                               process_index=jax.process_index(), process_count=jax.process_count())
   counter = SumCounter()
-  for metrics in parallel.metrics_to_host(
-      [backend.eval_step(state, backend.put_batch(batch)) for batch in batches]):
-    counter.add(metrics)
+  for batch in batches:  # one batch at a time: unbounded dispatch can deadlock CPU collectives
+    counter.add(parallel.metrics_to_host([backend.eval_step(state, backend.put_batch(batch))])[0])
   return counter.averages()
 
 

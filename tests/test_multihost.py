@@ -230,9 +230,11 @@ def _process_env(address, rank, num_processes=2):
               JAX_PROCESS_ID=str(rank), PYTHONUNBUFFERED="1")
 
 
-def test_without_launcher_a_dead_peer_stops_the_others(tmp_path):
-  # Started one by one, as a cluster scheduler would: JAX's heartbeats notice the
-  # dead process and stop the survivor.
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])
+def test_without_launcher_a_dead_or_frozen_peer_stops_the_others(tmp_path, sig):
+  # Started one by one, as a cluster scheduler would. A dead peer fails the next
+  # collective; a frozen one (SIGSTOP: no heartbeats either) is noticed by JAX's
+  # heartbeat check, here after 5 s.
   address = f"127.0.0.1:{_free_port()}"
   args = [sys.executable, "-m", "jaxddp.main", *TINY, "--config.train.num_steps=100000",
           "--config.train.log_every=10", "--config.parallel.cpu_devices=2",
@@ -243,12 +245,13 @@ def test_without_launcher_a_dead_peer_stops_the_others(tmp_path):
   for line in processes[0].stdout:
     if line.startswith("step "):
       break
-  processes[1].kill()
+  processes[1].send_signal(sig)
   killed_at = time.time()
   _, stderr = processes[0].communicate(timeout=120)
-  processes[1].communicate()
   elapsed = time.time() - killed_at
-  print(f"process 0 exited {elapsed:.1f} s after process 1 was killed")
+  processes[1].kill()
+  processes[1].communicate()
+  print(f"process 0 exited {elapsed:.1f} s after process 1 got {sig.name}")
   assert elapsed < 60
   assert processes[0].returncode != 0
   assert re.search(r"another (task|process) (died|has probably died)", stderr), stderr[-2000:]
