@@ -7,6 +7,10 @@ User errors (bad config values, unknown keys, unusable workdir) print one line
 and exit with status 2, before anything compiles. A run stopped by SIGTERM or
 Ctrl-C saves a checkpoint and exits with 128 + the signal number; running the
 same command again resumes it.
+
+Started as one of several processes (scripts/launch_local.py, srun, mpirun, or
+JAX_COORDINATOR_ADDRESS set), it first joins JAX's distributed runtime
+(jaxddp/distributed.py); its error lines then name the process.
 """
 
 from __future__ import annotations
