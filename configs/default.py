@@ -32,7 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   # One of: cnn, resnet18, resnet34, resnet50, resnet101, resnet152. Every model
   # works on 1-D signals (N, L, C) and 2-D images (N, H, W, C).
   config.model.name = "cnn"
-  # Normalisation layer: batch_norm.
+  # Normalisation layer: batch_norm, or none (no normalisation: a model whose
+  # output for an example does not depend on the rest of its batch).
   config.model.norm = "batch_norm"
   # True: batch-norm statistics are computed over the global batch (synchronised
   # across devices), so 1 device and 8 devices give the same numbers.
@@ -46,25 +47,58 @@ def get_config() -> ml_collections.ConfigDict:
   # ResNet stem: imagenet (7x7 stride-2 conv + max-pool), small (3x3 stride-1 conv,
   # no pool), or auto (imagenet for inputs of 64 pixels or more, else small).
   config.model.stem = "auto"
+  # ResNets: start the scale of the last batch norm of every residual block at 0,
+  # so each block starts as the identity (Goyal et al. 2017).
+  config.model.zero_init_residual = False
 
   config.optimizer = ml_collections.ConfigDict()
-  # One of: sgd, momentum, nesterov, adamw.
+  # One of: sgd, momentum, nesterov, adamw, lars, lamb.
   config.optimizer.name = "momentum"
-  # Peak learning rate (reached after warmup).
+  # Learning rate at the reference batch size; the peak learning rate (reached
+  # after warmup) is this, scaled to the effective batch by `scaling`.
   config.optimizer.learning_rate = 0.1
-  # Momentum of momentum/nesterov, and b1 of adamw.
+  # How the peak learning rate follows the effective batch B: none (unchanged),
+  # linear (x B / reference_batch_size, Goyal et al. 2017) or sqrt
+  # (x sqrt(B / reference_batch_size), Hoffer et al. 2017).
+  config.optimizer.scaling = "none"
+  config.optimizer.reference_batch_size = 256
+  # Momentum of momentum/nesterov/lars, and b1 of adamw/lamb.
   config.optimizer.momentum = 0.9
-  # Weight decay (L2 added to the gradient for sgd/momentum/nesterov, decoupled
-  # for adamw). Not applied to biases and normalisation parameters.
+  # Weight decay (L2 added to the gradient for sgd/momentum/nesterov/lars,
+  # decoupled for adamw/lamb).
   config.optimizer.weight_decay = 5e-4
-  # Linear warmup from 0 to the peak learning rate over this many epochs.
+  # False: weight decay skips biases and normalisation parameters (every
+  # parameter with fewer than 2 dimensions). LARS/LAMB trust ratios always skip them.
+  config.optimizer.decay_norm_and_bias = False
+  # LARS trust coefficient (eta).
+  config.optimizer.trust_coefficient = 0.001
+  # Clip the gradient to this global norm before the update (0 disables it).
+  config.optimizer.grad_clip_norm = 0.0
+  # Linear warmup from 0 to the peak learning rate over this many epochs ...
   config.optimizer.warmup_epochs = 0.0
-  # Shape of the learning rate after warmup: cosine (to 0 at the end) or constant.
+  # ... or optimizer steps: when > 0 this overrides warmup_epochs.
+  config.optimizer.warmup_steps = 0
+  # Shape of the learning rate after warmup: cosine (to 0 at the end), step
+  # (multiplied by decay_factor at each of decay_epochs), polynomial (to 0 at the
+  # end, with polynomial_power), or constant.
   config.optimizer.schedule = "cosine"
+  config.optimizer.decay_epochs = ()
+  config.optimizer.decay_factor = 0.1
+  config.optimizer.polynomial_power = 2.0
 
   config.train = ml_collections.ConfigDict()
-  # Global batch size: summed over every device of every process.
+  # Global batch size of one forward pass: summed over every device of every process.
   config.train.batch_size = 128
+  # Gradient accumulation: each optimizer update averages the gradients of this
+  # many batches, run one after another. The effective batch is batch_size x
+  # accumulation_steps with the memory of batch_size; steps, epochs, learning-rate
+  # scaling and schedules count effective batches.
+  config.train.accumulation_steps = 1
+  # Train longer (Hoffer et al. 2017): linear multiplies the epochs and the step
+  # schedule's decay epochs by effective batch / reference_batch_size; none keeps them.
+  config.train.epochs_scaling = "none"
+  # Label smoothing of the training loss (0 disables it).
+  config.train.label_smoothing = 0.0
   # Length of training in epochs ...
   config.train.num_epochs = 10
   # ... or in optimizer steps: when > 0 this overrides num_epochs.

@@ -12,12 +12,14 @@ from typing import Any
 
 import ml_collections
 
-DATASETS = ("mnist1d", "digits", "synthetic")
+DATASETS = ("mnist1d", "digits", "synthetic", "imagenet2012")
 MODELS = ("cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-NORMS = ("batch_norm",)
+NORMS = ("batch_norm", "none")
 STEMS = ("auto", "imagenet", "small")
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
-SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "lars", "lamb")
+SCHEDULES = ("cosine", "step", "polynomial", "constant")
+SCALINGS = ("none", "linear", "sqrt")
+EPOCHS_SCALINGS = ("none", "linear")
 BACKENDS = ("shard_map", "pmap")
 CLUSTERS = ("auto", "none", "slurm", "ompi", "k8s")
 
@@ -56,18 +58,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, "model.stem", STEMS)
   _choice(config, "optimizer.name", OPTIMIZERS)
   _choice(config, "optimizer.schedule", SCHEDULES)
+  _choice(config, "optimizer.scaling", SCALINGS)
+  _choice(config, "train.epochs_scaling", EPOCHS_SCALINGS)
   _choice(config, "parallel.backend", BACKENDS)
   _choice(config, "distributed.cluster", CLUSTERS)
   for field in ("train.batch_size", "train.log_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "model.width", "optimizer.learning_rate",
                 "parallel.max_steps_in_flight", "distributed.initialization_timeout",
-                "distributed.heartbeat_timeout"):
+                "distributed.heartbeat_timeout", "optimizer.reference_batch_size",
+                "optimizer.decay_factor", "optimizer.polynomial_power",
+                "optimizer.trust_coefficient", "train.accumulation_steps"):
     _positive(config, field)
   for field in ("train.num_epochs", "train.num_steps", "train.eval_every",
                 "train.eval_batch_size", "optimizer.weight_decay", "optimizer.warmup_epochs",
                 "parallel.cpu_devices", "dataset.max_shift", "distributed.num_processes",
-                "distributed.hang_timeout"):
+                "distributed.hang_timeout", "optimizer.warmup_steps", "optimizer.grad_clip_norm",
+                "train.label_smoothing"):
     _positive(config, field, allow_zero=True)
+  for field in ("train.accumulation_steps", "optimizer.reference_batch_size",
+                "optimizer.warmup_steps"):
+    if not isinstance(_get(config, field), int):
+      raise ConfigError(f"config.{field}={_get(config, field)!r} is not valid; it must be an "
+                        "integer")
+  if not config.train.label_smoothing < 1:
+    raise ConfigError(f"config.train.label_smoothing={config.train.label_smoothing!r} is not "
+                      "valid; it must be in [0, 1)")
+  decay_epochs = tuple(config.optimizer.decay_epochs)
+  if any(not isinstance(e, (int, float)) or e <= 0 for e in decay_epochs) or \
+      list(decay_epochs) != sorted(set(decay_epochs)):
+    raise ConfigError(f"config.optimizer.decay_epochs={decay_epochs!r} is not valid; it must be "
+                      "increasing positive epochs, e.g. (30, 60, 80)")
+  if config.optimizer.schedule == "step" and not decay_epochs:
+    raise ConfigError("config.optimizer.schedule='step' needs config.optimizer.decay_epochs, "
+                      "e.g. (30, 60, 80)")
   if config.train.num_steps == 0 and config.train.num_epochs == 0:
     raise ConfigError("config.train.num_epochs=0 and config.train.num_steps=0: "
                       "set one of them to a number > 0")
@@ -83,20 +106,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  """The numbers a run actually uses, derived from the config, data and devices."""
+  """The numbers a run actually uses, derived from the config, data and devices.
+
+  A step is one optimizer update. With gradient accumulation it sees
+  accumulation_steps micro-batches of batch_size examples (one at a time per
+  device), so the effective batch is their product; epochs, steps, learning-rate
+  scaling and schedules all count in effective batches.
+  """
   num_processes: int
   num_devices: int
-  global_batch_size: int
+  batch_size: int  # global examples per forward pass (config.train.batch_size)
   per_process_batch_size: int
-  per_device_batch_size: int
+  per_device_batch_size: int  # examples per device per forward pass: what memory holds
+  accumulation_steps: int
+  effective_batch_size: int  # examples per optimizer update
   eval_global_batch_size: int
   num_train_examples: int
   num_test_examples: int
   steps_per_epoch: int
+  epochs_scale: float  # train longer: epochs and decay points are multiplied by this
   total_steps: int
   epochs: float
   warmup_steps: int
+  base_learning_rate: float  # config.optimizer.learning_rate, at reference_batch_size
+  scaling: str
   peak_learning_rate: float
+  schedule: str
+  decay_steps: tuple[int, ...]  # step schedule: updates after which the LR is multiplied
   eval_steps: int
 
   def to_dict(self) -> dict[str, Any]:
@@ -114,36 +150,60 @@ def _divisible(field: str, value: int, num_devices: int, num_processes: int) -> 
 
 def resolve(config: ml_collections.ConfigDict, *, num_train_examples: int, num_test_examples: int,
             num_devices: int, num_processes: int = 1) -> Recipe:
-  """Derives batch splits, step counts and the schedule's anchors from the config."""
+  """Derives batch splits, step counts, the peak learning rate and the schedule's anchors."""
   batch = config.train.batch_size
   _divisible("train.batch_size", batch, num_devices, num_processes)
   eval_batch = config.train.eval_batch_size or batch
   _divisible("train.eval_batch_size", eval_batch, num_devices, num_processes)
-  steps_per_epoch = num_train_examples // batch
+  accumulation = config.train.accumulation_steps
+  effective = batch * accumulation
+  steps_per_epoch = num_train_examples // effective
   if steps_per_epoch == 0:
-    raise ConfigError(f"config.train.batch_size={batch} is larger than the {num_train_examples} "
-                      "training examples; use a smaller batch")
+    what = (f"config.train.batch_size={batch}" if accumulation == 1 else
+            f"the effective batch {effective} (batch_size {batch} x accumulation_steps "
+            f"{accumulation})")
+    raise ConfigError(f"{what} is larger than the {num_train_examples} training examples; "
+                      "use a smaller batch")
+
+  ratio = effective / config.optimizer.reference_batch_size
+  epochs_scale = ratio if config.train.epochs_scaling == "linear" else 1.0
   if config.train.num_steps > 0:
     total_steps = int(config.train.num_steps)
   else:
-    total_steps = max(1, math.ceil(config.train.num_epochs * steps_per_epoch))
-  warmup_steps = round(config.optimizer.warmup_epochs * steps_per_epoch)
+    total_steps = max(1, math.ceil(config.train.num_epochs * epochs_scale * steps_per_epoch))
+  if config.optimizer.warmup_steps > 0:
+    warmup_steps, warmup_field = config.optimizer.warmup_steps, "warmup_steps"
+  else:
+    warmup_steps = round(config.optimizer.warmup_epochs * steps_per_epoch)
+    warmup_field = "warmup_epochs"
   if warmup_steps >= total_steps and warmup_steps > 0:
-    raise ConfigError(f"config.optimizer.warmup_epochs={config.optimizer.warmup_epochs} gives "
+    raise ConfigError(f"config.optimizer.{warmup_field}={config.optimizer[warmup_field]} gives "
                       f"{warmup_steps} warmup steps, not fewer than the {total_steps} total steps")
+  decay_steps = ()
+  if config.optimizer.schedule == "step":
+    decay_steps = tuple(round(e * epochs_scale * steps_per_epoch)
+                        for e in config.optimizer.decay_epochs)
+  factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[config.optimizer.scaling]
   return Recipe(
       num_processes=num_processes,
       num_devices=num_devices,
-      global_batch_size=batch,
+      batch_size=batch,
       per_process_batch_size=batch // num_processes,
       per_device_batch_size=batch // num_devices,
+      accumulation_steps=accumulation,
+      effective_batch_size=effective,
       eval_global_batch_size=eval_batch,
       num_train_examples=num_train_examples,
       num_test_examples=num_test_examples,
       steps_per_epoch=steps_per_epoch,
+      epochs_scale=epochs_scale,
       total_steps=total_steps,
       epochs=total_steps / steps_per_epoch,
       warmup_steps=warmup_steps,
-      peak_learning_rate=float(config.optimizer.learning_rate),
+      base_learning_rate=float(config.optimizer.learning_rate),
+      scaling=config.optimizer.scaling,
+      peak_learning_rate=float(config.optimizer.learning_rate) * factor,
+      schedule=config.optimizer.schedule,
+      decay_steps=decay_steps,
       eval_steps=math.ceil(num_test_examples / eval_batch),
   )

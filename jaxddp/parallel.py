@@ -147,6 +147,7 @@ def metrics_to_host(metrics: list[dict]) -> list[dict[str, float]]:
 def create_backend(config: ml_collections.ConfigDict, devices: list[jax.Device],
                    learning_rate_fn: Callable) -> Backend:
   train_step = functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn,
-                                 sync_batch_stats=config.model.sync_batch_stats)
+                                 accumulation_steps=config.train.accumulation_steps,
+                                 label_smoothing=config.train.label_smoothing)
   backend = {"shard_map": ShardMapBackend, "pmap": PmapBackend}[config.parallel.backend]
   return backend(devices, train_step, steps.eval_step)

@@ -29,32 +29,62 @@ def _per_device(tree):
   return jax.tree.map(lambda x: jax.lax.pcast(x, AXIS, to="varying"), tree)
 
 
-def _classification_sums(logits, labels, weights) -> dict[str, jnp.ndarray]:
-  """(sum, count) pairs over the local examples, summed over all devices."""
+def _local_sums(logits, labels, weights) -> dict[str, jnp.ndarray]:
+  """(sum, count) pairs over this device's examples."""
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-  sums = {"loss_sum": jnp.sum(losses * weights), "correct_sum": jnp.sum(correct * weights),
+  return {"loss_sum": jnp.sum(losses * weights), "correct_sum": jnp.sum(correct * weights),
           "count": jnp.sum(weights)}
-  return jax.lax.psum(sums, AXIS)
+
+
+def _training_loss(logits, labels, label_smoothing: float) -> jnp.ndarray:
+  """Mean cross-entropy against (optionally smoothed) one-hot labels."""
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
-               sync_batch_stats: bool) -> tuple[TrainState, dict]:
-  """One optimizer update from this device's slice of the global batch."""
+               accumulation_steps: int = 1, label_smoothing: float = 0.0
+               ) -> tuple[TrainState, dict]:
+  """One optimizer update from this device's slice of the (effective) global batch.
+
+  With accumulation_steps = k the slice is split into k consecutive micro-batches,
+  run one after another (a scan: the memory of one micro-batch); their gradients
+  are averaged, so the update equals one step on the whole effective batch for a
+  model without batch-dependent layers. Batch-norm statistics update after each
+  micro-batch, as they would over k separate steps.
+  """
   params = _per_device(state.params)
 
-  def loss_fn(params):
-    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                     batch["x"], train=True, mutable=["batch_stats"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+  def loss_fn(params, batch_stats, micro_batch):
+    logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats},
+                                     micro_batch["x"], train=True, mutable=["batch_stats"])
+    loss = _training_loss(logits, micro_batch["y"], label_smoothing)
     return loss, (logits, updates["batch_stats"])
 
-  (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  grads = jax.lax.pmean(grads, AXIS)
-  if not sync_batch_stats:
-    # Each device normalised with its own statistics; keep one shared running average.
-    batch_stats = jax.lax.pmean(batch_stats, AXIS)
-  metrics = _classification_sums(logits, batch["y"], jnp.ones_like(batch["y"], jnp.float32))
+  def micro_step(carry, micro_batch):
+    grads_sum, batch_stats, sums = carry
+    (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch_stats, micro_batch)
+    local = _local_sums(logits, micro_batch["y"], jnp.ones_like(micro_batch["y"], jnp.float32))
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+    return (add(grads_sum, grads), batch_stats, add(sums, local)), None
+
+  micro_batches = jax.tree.map(
+      lambda x: x.reshape(accumulation_steps, x.shape[0] // accumulation_steps, *x.shape[1:]),
+      batch)
+  zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct_sum", "count")}
+  # The scan's carry must keep its type: per-device ("varying") from the start.
+  carry = (jax.tree.map(jnp.zeros_like, params), _per_device(state.batch_stats),
+           _per_device(zero_sums))
+  (grads, batch_stats, sums), _ = jax.lax.scan(micro_step, carry, micro_batches)
+  grads = jax.lax.pmean(jax.tree.map(lambda g: g / accumulation_steps, grads), AXIS)
+  # One shared running average. Synchronised batch norm already computed the same
+  # statistics on every device; per-device batch norm did not, and is averaged here.
+  batch_stats = jax.lax.pmean(batch_stats, AXIS)
+  metrics = jax.lax.psum(sums, AXIS)
   metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   # A finite loss can still be followed by an overflowing update: check the result too.
@@ -67,4 +97,4 @@ def eval_step(state: TrainState, batch: dict) -> dict:
   """Masked sums over this device's slice; padded examples (mask 0) count for nothing."""
   logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                           batch["x"], train=False)
-  return _classification_sums(logits, batch["y"], batch["mask"])
+  return jax.lax.psum(_local_sums(logits, batch["y"], batch["mask"]), AXIS)

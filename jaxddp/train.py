@@ -82,7 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # --- 3. Train. ---
   train_batches = data.TrainBatches(
-      dataset.train_x, dataset.train_y, global_batch_size=recipe.global_batch_size,
+      dataset.train_x, dataset.train_y, global_batch_size=recipe.effective_batch_size,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       max_shift=config.dataset.max_shift)
   window = SumCounter()

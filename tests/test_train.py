@@ -168,7 +168,7 @@ def test_config_json_holds_config_and_recipe(finished):
   assert recipe["steps_per_epoch"] == steps_per_epoch == 62
   assert recipe["total_steps"] == STEPS
   assert recipe["num_devices"] == NUM_DEVICES
-  assert recipe["global_batch_size"] == BATCH
+  assert recipe["batch_size"] == recipe["effective_batch_size"] == BATCH
   assert recipe["per_device_batch_size"] == BATCH // NUM_DEVICES
   assert recipe["warmup_steps"] == round(WARMUP_EPOCHS * steps_per_epoch) == WARMUP_STEPS
   assert recipe["epochs"] == pytest.approx(STEPS / steps_per_epoch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import ml_collections
@@ -19,6 +20,15 @@ RESNETS = {
 }
 
 
+class NoNorm(nn.Module):
+  """config.model.norm = "none": the identity, taking a norm layer's arguments."""
+  use_running_average: bool | None = None
+  scale_init: Any = None
+
+  def __call__(self, x):
+    return x
+
+
 def norm_layer(config: ml_collections.ConfigDict):
   """The normalisation layer every built-in model uses, from config.model.
 
@@ -26,6 +36,8 @@ def norm_layer(config: ml_collections.ConfigDict):
   inside the step (cross-device batch norm); the caller must then run the model
   inside pmap/shard_map over that axis when training.
   """
+  if config.model.norm == "none":
+    return NoNorm
   axis_name = "data" if config.model.sync_batch_stats else None
   return functools.partial(nn.BatchNorm, momentum=config.model.bn_momentum, epsilon=1e-5,
                            axis_name=axis_name)
@@ -39,5 +51,6 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
   if name in RESNETS:
     stage_sizes, block = RESNETS[name]
     return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes, norm=norm,
-                  width=config.model.width, stem=config.model.stem)
+                  width=config.model.width, stem=config.model.stem,
+                  zero_init_residual=config.model.zero_init_residual)
   raise ValueError(f"unknown model {name!r}")  # config.validate catches this first

@@ -10,11 +10,18 @@ import jax.numpy as jnp
 ModuleDef = Callable[..., Any]
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions (ResNet-18/34)."""
+class _Block(nn.Module):
   filters: int
   strides: int
   norm: ModuleDef
+  zero_init_residual: bool = False  # start the last norm's scale at 0: the block is the identity
+
+  def _last_norm_options(self) -> dict[str, Any]:
+    return {"scale_init": nn.initializers.zeros} if self.zero_init_residual else {}
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convolutions (ResNet-18/34)."""
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -23,18 +30,15 @@ class BasicBlock(nn.Module):
     y = nn.Conv(self.filters, (3,) * d, (self.strides,) * d, padding="SAME", use_bias=False)(x)
     y = nn.relu(norm()(y))
     y = nn.Conv(self.filters, (3,) * d, padding="SAME", use_bias=False)(y)
-    y = norm()(y)
+    y = self.norm(use_running_average=not train, **self._last_norm_options())(y)
     if x.shape != y.shape:
       x = nn.Conv(self.filters, (1,) * d, (self.strides,) * d, use_bias=False)(x)
       x = norm()(x)
     return nn.relu(x + y)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_Block):
   """1x1 reduce, 3x3 (carrying the stride: v1.5), 1x1 expand by 4 (ResNet-50 and up)."""
-  filters: int
-  strides: int
-  norm: ModuleDef
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -45,7 +49,7 @@ class BottleneckBlock(nn.Module):
     y = nn.Conv(self.filters, (3,) * d, (self.strides,) * d, padding="SAME", use_bias=False)(y)
     y = nn.relu(norm()(y))
     y = nn.Conv(self.filters * 4, (1,) * d, use_bias=False)(y)
-    y = norm()(y)
+    y = self.norm(use_running_average=not train, **self._last_norm_options())(y)
     if x.shape != y.shape:
       x = nn.Conv(self.filters * 4, (1,) * d, (self.strides,) * d, use_bias=False)(x)
       x = norm()(x)
@@ -59,6 +63,7 @@ class ResNet(nn.Module):
   norm: ModuleDef
   width: int = 64
   stem: str = "auto"  # imagenet | small | auto
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -76,6 +81,7 @@ class ResNet(nn.Module):
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
         strides = 2 if stage > 0 and index == 0 else 1
-        x = self.block(self.width * 2**stage, strides, self.norm)(x, train)
+        x = self.block(self.width * 2**stage, strides, self.norm,
+                       self.zero_init_residual)(x, train)
     x = x.mean(axis=tuple(range(1, 1 + d)))
     return nn.Dense(self.num_classes)(x)
