@@ -176,7 +176,9 @@ def resolve(config: ml_collections.ConfigDict, *, num_train_examples: int, num_t
   else:
     warmup_steps = round(config.optimizer.warmup_epochs * steps_per_epoch)
     warmup_field = "warmup_epochs"
-  if warmup_steps >= total_steps and warmup_steps > 0:
+  # A run whose length is given in steps may stop inside the warmup (a smoke test
+  # of a long recipe); one whose epochs end before the warmup does is a mistake.
+  if warmup_steps >= total_steps and warmup_steps > 0 and config.train.num_steps == 0:
     raise ConfigError(f"config.optimizer.{warmup_field}={config.optimizer[warmup_field]} gives "
                       f"{warmup_steps} warmup steps, not fewer than the {total_steps} total steps")
   decay_steps = ()

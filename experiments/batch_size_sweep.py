@@ -1,0 +1,155 @@
+"""Test accuracy against the global batch size, for each large-batch recipe.
+
+    python experiments/batch_size_sweep.py --config=configs/mnist1d.py --out=runs/batch_sweep
+
+Trains the config at every batch size of --batch_sizes for every recipe, at the
+config's number of epochs (train-longer recipes multiply it by batch / reference):
+
+    none          the config's learning rate at every batch, no warmup
+    linear        peak LR = lr x batch / reference, gradual warmup (Goyal et al. 2017)
+    sqrt          peak LR = lr x sqrt(batch / reference), same warmup (Hoffer et al. 2017)
+    linear+longer linear, and epochs x batch / reference (Hoffer's regime adaptation)
+    sqrt+longer   sqrt, and epochs x batch / reference
+
+The reference batch is the config's own train.batch_size: its recipe is the one
+known to work. Writes OUT/results.csv (one row per run, appended as runs finish,
+so an interrupted sweep continues where it stopped) and OUT/accuracy_vs_batch.png.
+--quick runs two small batch sizes for two epochs (for tests).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/mnist1d.py.")
+_OUT = flags.DEFINE_string("out", None, "Output folder for results.csv, the figure and the runs.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32", "64", "128", "256", "512", "1024", "2000",
+                                                 "4000"], "Global batch sizes to train at.")
+_RECIPES = flags.DEFINE_list("recipes", ["none", "linear", "sqrt", "linear+longer", "sqrt+longer"],
+                             "Recipes to compare (see the module docstring).")
+_WARMUP_EPOCHS = flags.DEFINE_float("warmup_epochs", 2.0, "Warmup of the scaled recipes.")
+_QUICK = flags.DEFINE_bool("quick", False, "Two batch sizes, two epochs: a smoke test.")
+
+FIELDS = ["recipe", "batch_size", "peak_learning_rate", "epochs", "steps", "test_accuracy",
+          "test_loss", "diverged", "seconds"]
+
+
+def recipe_config(base, recipe: str, batch_size: int, reference: int, warmup_epochs: float):
+  """The base config with one recipe applied at one global batch size."""
+  config = base.copy_and_resolve_references()
+  config.train.batch_size = batch_size
+  config.train.eval_batch_size = min(1000, max(batch_size, 100))
+  config.train.log_every = 10**9  # only the final metrics matter here
+  config.train.checkpoint_every = 10**9
+  scaling, _, longer = recipe.partition("+")
+  config.optimizer.scaling = scaling
+  config.optimizer.reference_batch_size = reference
+  config.optimizer.warmup_epochs = warmup_epochs if scaling != "none" else 0.0
+  config.train.epochs_scaling = "linear" if longer == "longer" else "none"
+  return config
+
+
+def _done(path: str) -> set[tuple[str, int]]:
+  if not os.path.exists(path):
+    return set()
+  with open(path) as f:
+    return {(row["recipe"], int(row["batch_size"])) for row in csv.DictReader(f)}
+
+
+def run_sweep(base, out: str, batch_sizes: list[int], recipes: list[str],
+              warmup_epochs: float) -> str:
+  from jaxddp import train
+
+  reference = base.train.batch_size
+  results = os.path.join(out, "results.csv")
+  done = _done(results)
+  todo = [(r, b) for r in recipes for b in batch_sizes if (r, b) not in done]
+  print(f"batch-size sweep: {len(todo)} runs to go ({len(done)} already in {results}); "
+        f"reference batch {reference}", flush=True)
+  for index, (recipe, batch_size) in enumerate(todo, 1):
+    config = recipe_config(base, recipe, batch_size, reference, warmup_epochs)
+    workdir = os.path.join(out, "runs", f"{recipe.replace('+', '_')}_b{batch_size}")
+    start = time.time()
+    row = {"recipe": recipe, "batch_size": batch_size}
+    try:
+      result = train.train_and_evaluate(config, workdir)
+      row.update(test_accuracy=result.eval_metrics["accuracy"],
+                 test_loss=result.eval_metrics["loss"], diverged=0)
+    except train.NonFiniteLossError:
+      row.update(test_accuracy=float("nan"), test_loss=float("nan"), diverged=1)
+    with open(os.path.join(workdir, "config.json")) as f:
+      resolved = json.load(f)["recipe"]
+    row.update(peak_learning_rate=resolved["peak_learning_rate"], epochs=resolved["epochs"],
+               steps=resolved["total_steps"], seconds=round(time.time() - start, 1))
+    new_file = not os.path.exists(results)
+    with open(results, "a", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=FIELDS)
+      if new_file:
+        writer.writeheader()
+      writer.writerow(row)
+    print(f"[{index}/{len(todo)}] {recipe:>13}  batch {batch_size:>5}  peak LR "
+          f"{row['peak_learning_rate']:.3g}  {row['epochs']:.3g} epochs  test accuracy "
+          f"{row['test_accuracy']:.4f}{'  (diverged)' if row['diverged'] else ''}  "
+          f"{row['seconds']}s", flush=True)
+  return results
+
+
+def plot(results: str, path: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  with open(results) as f:
+    rows = list(csv.DictReader(f))
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for recipe in dict.fromkeys(r["recipe"] for r in rows):
+    points = sorted((int(r["batch_size"]), float(r["test_accuracy"]))
+                    for r in rows if r["recipe"] == recipe)
+    style = "--" if recipe.endswith("+longer") else "-"
+    ax.plot([b for b, _ in points], [a * 100 for _, a in points], style, marker="o",
+            label=recipe)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("global batch size")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  if _CONFIG.value is None or not _OUT.value:
+    raise app.UsageError("--config and --out are required")
+  from jaxddp import config as config_lib
+  base = _CONFIG.value
+  batch_sizes = [int(b) for b in _BATCH_SIZES.value]
+  if _QUICK.value:
+    base.train.num_epochs = 2
+    batch_sizes = [b for b in batch_sizes if b <= 64][:2] or batch_sizes[:2]
+  unknown = [r for r in _RECIPES.value if r not in
+             ("none", "linear", "sqrt", "none+longer", "linear+longer", "sqrt+longer")]
+  if unknown:
+    raise app.UsageError(f"unknown recipe(s) {unknown}; see --helpfull")
+  config_lib.validate(base)
+  os.makedirs(_OUT.value, exist_ok=True)
+  results = run_sweep(base, _OUT.value, batch_sizes, _RECIPES.value, _WARMUP_EPOCHS.value)
+  figure = os.path.join(_OUT.value, "accuracy_vs_batch.png")
+  plot(results, figure, f"{base.dataset.name}, {base.model.name}: test accuracy vs batch size "
+                        f"({base.train.num_epochs} epochs)")
+  print(f"wrote {results} and {figure}")
+
+
+if __name__ == "__main__":
+  app.run(main)

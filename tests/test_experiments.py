@@ -1,0 +1,33 @@
+"""The experiment scripts run end to end in their --quick modes and write what they promise."""
+
+import csv
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_batch_size_sweep_quick(tmp_path):
+  command = [sys.executable, "experiments/batch_size_sweep.py", "--config=configs/mnist1d.py",
+             f"--out={tmp_path}", "--quick", "--recipes=none,linear+longer",
+             "--config.model.width=8"]
+  completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["recipe"], int(r["batch_size"])) for r in rows] == [
+      ("none", 32), ("none", 64), ("linear+longer", 32), ("linear+longer", 64)]
+  for row in rows:
+    assert 0.2 < float(row["test_accuracy"]) <= 1.0, row  # above chance (0.1) after 2 epochs
+  # linear+longer relative to the reference batch 128: LR and epochs x batch / 128.
+  longer = {int(r["batch_size"]): r for r in rows if r["recipe"] == "linear+longer"}
+  assert float(longer[64]["peak_learning_rate"]) == 0.1 * 64 / 128
+  assert float(longer[64]["epochs"]) == 2 * 64 / 128
+  with open(tmp_path / "accuracy_vs_batch.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+  # Run again: every run is already in results.csv, nothing is trained twice.
+  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "0 runs to go (4 already in" in again.stdout
