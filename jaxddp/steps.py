@@ -79,7 +79,10 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
   # The scan's carry must keep its type: per-device ("varying") from the start.
   carry = (jax.tree.map(jnp.zeros_like, params), _per_device(state.batch_stats),
            _per_device(zero_sums))
-  (grads, batch_stats, sums), _ = jax.lax.scan(micro_step, carry, micro_batches)
+  if accumulation_steps == 1:  # no loop: XLA optimises a plain step better than a scan of one
+    (grads, batch_stats, sums), _ = micro_step(carry, jax.tree.map(lambda x: x[0], micro_batches))
+  else:
+    (grads, batch_stats, sums), _ = jax.lax.scan(micro_step, carry, micro_batches)
   grads = jax.lax.pmean(jax.tree.map(lambda g: g / accumulation_steps, grads), AXIS)
   # One shared running average. Synchronised batch norm already computed the same
   # statistics on every device; per-device batch norm did not, and is averaged here.
