@@ -18,7 +18,8 @@ AXIS = "data"
 
 
 def _per_device(tree):
-  """Marks replicated values as per-device before differentiating.
+  """Marks replicated values as per-device (parameters before differentiating, and the
+  starting values of the accumulation loop's carry, which becomes per-device).
 
   Under shard_map (which tracks which values vary across devices), the gradient
   of a per-device loss with respect to a replicated parameter comes back already
