@@ -32,9 +32,15 @@ def get_config() -> ml_collections.ConfigDict:
   # One of: cnn, resnet18, resnet34, resnet50, resnet101, resnet152. Every model
   # works on 1-D signals (N, L, C) and 2-D images (N, H, W, C).
   config.model.name = "cnn"
-  # Normalisation layer: batch_norm, or none (no normalisation: a model whose
-  # output for an example does not depend on the rest of its batch).
+  # Normalisation layer: batch_norm; ghost_batch_norm (each device's batch is
+  # normalised in ghost batches of ghost_batch_size examples, Hoffer et al. 2017;
+  # see jaxddp.nn.GhostBatchNorm); or none (no normalisation: a model whose output
+  # for an example does not depend on the rest of its batch).
   config.model.norm = "batch_norm"
+  # ghost_batch_norm only: examples per ghost batch. It must divide the per-device
+  # batch (train.batch_size / devices); at or above it, ghost BN is per-device BN.
+  config.model.ghost_batch_size = 32
+  # batch_norm only (ghost batches never pool statistics across devices).
   # True: batch-norm statistics are computed over the global batch (synchronised
   # across devices), so 1 device and 8 devices give the same numbers.
   # False: each device normalises with its own local batch; the running averages

@@ -14,7 +14,7 @@ import ml_collections
 
 DATASETS = ("mnist1d", "digits", "synthetic", "imagenet2012")
 MODELS = ("cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-NORMS = ("batch_norm", "none")
+NORMS = ("batch_norm", "ghost_batch_norm", "none")
 STEMS = ("auto", "imagenet", "small")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "lars", "lamb")
 SCHEDULES = ("cosine", "step", "polynomial", "constant")
@@ -67,7 +67,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "parallel.max_steps_in_flight", "distributed.initialization_timeout",
                 "distributed.heartbeat_timeout", "optimizer.reference_batch_size",
                 "optimizer.decay_factor", "optimizer.polynomial_power",
-                "optimizer.trust_coefficient", "train.accumulation_steps"):
+                "optimizer.trust_coefficient", "train.accumulation_steps",
+                "model.ghost_batch_size"):
     _positive(config, field)
   for field in ("train.num_epochs", "train.num_steps", "train.eval_every",
                 "train.eval_batch_size", "optimizer.weight_decay", "optimizer.warmup_epochs",
@@ -76,7 +77,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "train.label_smoothing"):
     _positive(config, field, allow_zero=True)
   for field in ("train.accumulation_steps", "optimizer.reference_batch_size",
-                "optimizer.warmup_steps"):
+                "optimizer.warmup_steps", "model.ghost_batch_size"):
     if not isinstance(_get(config, field), int):
       raise ConfigError(f"config.{field}={_get(config, field)!r} is not valid; it must be an "
                         "integer")
@@ -148,6 +149,20 @@ def _divisible(field: str, value: int, num_devices: int, num_processes: int) -> 
     raise ConfigError(f"config.{field}={value} is not divisible by the {num_processes} processes")
 
 
+def _check_ghost_batch_size(ghost: int, batch: int, num_devices: int, accumulation: int) -> None:
+  """Ghost batches split each device's batch of one forward pass (one micro-batch)."""
+  per_device = batch // num_devices
+  if ghost < per_device and per_device % ghost:
+    divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
+    nearest = min(divisors, key=lambda d: (abs(d - ghost), d))
+    micro = f", one of {accumulation} accumulated micro-batches" if accumulation > 1 else ""
+    raise ConfigError(
+        f"config.model.ghost_batch_size={ghost} does not divide the per-device batch of "
+        f"{per_device} examples (config.train.batch_size={batch} over {num_devices} "
+        f"device{'s' if num_devices > 1 else ''}{micro}); use a divisor of {per_device}, "
+        f"e.g. {nearest}")
+
+
 def resolve(config: ml_collections.ConfigDict, *, num_train_examples: int, num_test_examples: int,
             num_devices: int, num_processes: int = 1) -> Recipe:
   """Derives batch splits, step counts, the peak learning rate and the schedule's anchors."""
@@ -157,6 +172,8 @@ def resolve(config: ml_collections.ConfigDict, *, num_train_examples: int, num_t
   _divisible("train.eval_batch_size", eval_batch, num_devices, num_processes)
   accumulation = config.train.accumulation_steps
   effective = batch * accumulation
+  if config.model.norm == "ghost_batch_norm":
+    _check_ghost_batch_size(config.model.ghost_batch_size, batch, num_devices, accumulation)
   steps_per_epoch = num_train_examples // effective
   if steps_per_epoch == 0:
     what = (f"config.train.batch_size={batch}" if accumulation == 1 else

@@ -59,6 +59,13 @@ def test_batch_not_divisible_by_devices(tmp_path):
   assert "multiple of 8" in line
 
 
+def test_ghost_batch_size_not_dividing_the_per_device_batch(tmp_path):
+  result = _run_bad(tmp_path, "--config.parallel.cpu_devices=2",
+                    "--config.model.norm=ghost_batch_norm", "--config.model.ghost_batch_size=48")
+  _assert_one_line_error(result, "config.model.ghost_batch_size=48",
+                         "per-device batch of 64 examples", "e.g. 32")
+
+
 @pytest.mark.parametrize("field, valid", [
     ("dataset.name", ["mnist1d", "digits", "synthetic"]),
     ("model.name", ["cnn", "resnet18", "resnet50", "resnet152"]),

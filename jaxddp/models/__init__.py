@@ -10,6 +10,7 @@ import ml_collections
 
 from jaxddp.models.cnn import CNN
 from jaxddp.models.resnet import BasicBlock, BottleneckBlock, ResNet
+from jaxddp.nn import GhostBatchNorm
 
 RESNETS = {
     "resnet18": ([2, 2, 2, 2], BasicBlock),
@@ -32,12 +33,17 @@ class NoNorm(nn.Module):
 def norm_layer(config: ml_collections.ConfigDict):
   """The normalisation layer every built-in model uses, from config.model.
 
-  With sync_batch_stats the batch statistics are averaged over the "data" axis
-  inside the step (cross-device batch norm); the caller must then run the model
-  inside pmap/shard_map over that axis when training.
+  For batch_norm with sync_batch_stats, the batch statistics are averaged over
+  the "data" axis inside the step (cross-device batch norm); the caller must then
+  run the model inside pmap/shard_map over that axis when training.
   """
   if config.model.norm == "none":
     return NoNorm
+  if config.model.norm == "ghost_batch_norm":
+    # No axis_name: train_step averages every running statistic over "data" after
+    # each step already, which is what GhostBatchNorm's axis_name would do per layer.
+    return functools.partial(GhostBatchNorm, ghost_batch_size=config.model.ghost_batch_size,
+                             momentum=config.model.bn_momentum, epsilon=1e-5)
   axis_name = "data" if config.model.sync_batch_stats else None
   return functools.partial(nn.BatchNorm, momentum=config.model.bn_momentum, epsilon=1e-5,
                            axis_name=axis_name)
