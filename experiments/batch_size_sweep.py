@@ -11,6 +11,10 @@ config's number of epochs (train-longer recipes multiply it by batch / reference
     linear+longer linear, and epochs x batch / reference (Hoffer's regime adaptation)
     sqrt+longer   sqrt, and epochs x batch / reference
 
+and any of these with ghost batch normalization (Hoffer et al. 2017) appended,
+e.g. linear+ghost32 or linear+longer+ghost128: every norm layer normalises ghost
+batches of that many examples (config.model.norm = ghost_batch_norm).
+
 The reference batch is the config's own train.batch_size: its recipe is the one
 known to work. Writes OUT/results.csv (one row per run, appended as runs finish,
 so an interrupted sweep continues where it stopped) and OUT/accuracy_vs_batch.png.
@@ -35,7 +39,8 @@ _OUT = flags.DEFINE_string("out", None, "Output folder for results.csv, the figu
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32", "64", "128", "256", "512", "1024", "2048"],
                                  "Global batch sizes to train at.")
 _RECIPES = flags.DEFINE_list("recipes", ["none", "linear", "sqrt", "linear+longer", "sqrt+longer"],
-                             "Recipes to compare (see the module docstring).")
+                             "Recipes to compare (see the module docstring), e.g. "
+                             "linear+longer+ghost32.")
 _WARMUP_EPOCHS = flags.DEFINE_float("warmup_epochs", 2.0, "Warmup of the scaled recipes.")
 _QUICK = flags.DEFINE_bool("quick", False, "Two batch sizes, two epochs: a smoke test.")
 
@@ -50,12 +55,28 @@ def recipe_config(base, recipe: str, batch_size: int, reference: int, warmup_epo
   config.train.eval_batch_size = min(1000, max(batch_size, 100))
   config.train.log_every = 10**9  # only the final metrics matter here
   config.train.checkpoint_every = 10**9
-  scaling, _, longer = recipe.partition("+")
+  scaling, longer, ghost = parse_recipe(recipe)
   config.optimizer.scaling = scaling
   config.optimizer.reference_batch_size = reference
   config.optimizer.warmup_epochs = warmup_epochs if scaling != "none" else 0.0
-  config.train.epochs_scaling = "linear" if longer == "longer" else "none"
+  config.train.epochs_scaling = "linear" if longer else "none"
+  if ghost:
+    config.model.norm = "ghost_batch_norm"
+    config.model.ghost_batch_size = ghost
   return config
+
+
+def parse_recipe(recipe: str) -> tuple[str, bool, int]:
+  """"linear+longer+ghost32" -> ("linear", True, 32); raises ValueError if malformed."""
+  scaling, *options = recipe.split("+")
+  longer = "longer" in options
+  ghosts = [o for o in options if o.startswith("ghost")]
+  unknown = [o for o in options if o != "longer" and o not in ghosts]
+  if (scaling not in ("none", "linear", "sqrt") or unknown or len(ghosts) > 1
+      or options.count("longer") > 1 or any(not g[5:].isdigit() or int(g[5:]) == 0
+                                            for g in ghosts)):
+    raise ValueError(f"unknown recipe {recipe!r}")
+  return scaling, longer, int(ghosts[0][5:]) if ghosts else 0
 
 
 def _done(path: str) -> set[tuple[str, int]]:
@@ -96,7 +117,7 @@ def run_sweep(base, out: str, batch_sizes: list[int], recipes: list[str],
       if new_file:
         writer.writeheader()
       writer.writerow(row)
-    print(f"[{index}/{len(todo)}] {recipe:>13}  batch {batch_size:>5}  peak LR "
+    print(f"[{index}/{len(todo)}] {recipe:>22}  batch {batch_size:>5}  peak LR "
           f"{row['peak_learning_rate']:.3g}  {row['epochs']:.3g} epochs  test accuracy "
           f"{row['test_accuracy']:.4f}{'  (diverged)' if row['diverged'] else ''}  "
           f"{row['seconds']}s", flush=True)
@@ -114,15 +135,16 @@ def plot(results: str, path: str, title: str) -> None:
   for recipe in dict.fromkeys(r["recipe"] for r in rows):
     points = sorted((int(r["batch_size"]), float(r["test_accuracy"]))
                     for r in rows if r["recipe"] == recipe)
-    style = "--" if recipe.endswith("+longer") else "-"
-    ax.plot([b for b, _ in points], [a * 100 for _, a in points], style, marker="o",
-            label=recipe)
+    _, longer, ghost = parse_recipe(recipe)
+    marker = "o" if not ghost else ("s" if ghost <= 32 else "^")
+    ax.plot([b for b, _ in points], [a * 100 for _, a in points], "--" if longer else "-",
+            marker=marker, label=recipe)
   ax.set_xscale("log", base=2)
   ax.set_xlabel("global batch size")
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(title)
   ax.grid(True, alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize="small")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -141,10 +163,11 @@ def main(argv):
     base.train.num_epochs = 2
     warmup_epochs = 0.1
     batch_sizes = [b for b in batch_sizes if b <= 64][:2] or batch_sizes[:2]
-  unknown = [r for r in _RECIPES.value if r not in
-             ("none", "linear", "sqrt", "none+longer", "linear+longer", "sqrt+longer")]
-  if unknown:
-    raise app.UsageError(f"unknown recipe(s) {unknown}; see --helpfull")
+  for recipe in _RECIPES.value:
+    try:
+      parse_recipe(recipe)
+    except ValueError as error:
+      raise app.UsageError(f"{error}; see the recipes in --helpfull") from None
   config_lib.validate(base)
   os.makedirs(_OUT.value, exist_ok=True)
   results = run_sweep(base, _OUT.value, batch_sizes, _RECIPES.value, warmup_epochs)

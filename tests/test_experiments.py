@@ -1,6 +1,7 @@
 """The experiment scripts run end to end in their --quick modes and write what they promise."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -10,20 +11,27 @@ from conftest import REPO
 
 def test_batch_size_sweep_quick(tmp_path):
   command = [sys.executable, "experiments/batch_size_sweep.py", "--config=configs/mnist1d.py",
-             f"--out={tmp_path}", "--quick", "--recipes=none,linear+longer",
+             f"--out={tmp_path}", "--quick", "--recipes=none,linear+longer+ghost16",
              "--config.model.width=8"]
   completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert completed.returncode == 0, completed.stderr[-3000:]
   with open(tmp_path / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert [(r["recipe"], int(r["batch_size"])) for r in rows] == [
-      ("none", 32), ("none", 64), ("linear+longer", 32), ("linear+longer", 64)]
+      ("none", 32), ("none", 64), ("linear+longer+ghost16", 32), ("linear+longer+ghost16", 64)]
   for row in rows:
     assert 0.2 < float(row["test_accuracy"]) <= 1.0, row  # above chance (0.1) after 2 epochs
   # linear+longer relative to the reference batch 128: LR and epochs x batch / 128.
-  longer = {int(r["batch_size"]): r for r in rows if r["recipe"] == "linear+longer"}
+  longer = {int(r["batch_size"]): r for r in rows if r["recipe"] == "linear+longer+ghost16"}
   assert float(longer[64]["peak_learning_rate"]) == 0.1 * 64 / 128
   assert float(longer[64]["epochs"]) == 2 * 64 / 128
+  # ...and ghost batch norm with ghost batches of 16, only in that recipe.
+  def model_config(run):
+    with open(tmp_path / "runs" / run / "config.json") as f:
+      return json.load(f)["config"]["model"]
+  assert model_config("linear_longer_ghost16_b64")["norm"] == "ghost_batch_norm"
+  assert model_config("linear_longer_ghost16_b64")["ghost_batch_size"] == 16
+  assert model_config("none_b64")["norm"] == "batch_norm"
   with open(tmp_path / "accuracy_vs_batch.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
