@@ -125,28 +125,42 @@ def run_sweep(base, out: str, batch_sizes: list[int], recipes: list[str],
 
 
 def plot(results: str, path: str, title: str) -> None:
+  """Accuracy vs batch: all of it on the left, the top 10 points magnified on the right.
+
+  A recipe and its +longer variant share a colour (dashed: longer); the marker
+  tells the ghost batch size (a circle: ordinary batch norm).
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   with open(results) as f:
     rows = list(csv.DictReader(f))
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for recipe in dict.fromkeys(r["recipe"] for r in rows):
+  recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+  families = list(dict.fromkeys(r.replace("+longer", "") for r in recipes))
+  ghosts = sorted({parse_recipe(r)[2] for r in recipes} - {0})
+  fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+  for recipe in recipes:
     points = sorted((int(r["batch_size"]), float(r["test_accuracy"]))
                     for r in rows if r["recipe"] == recipe)
     _, longer, ghost = parse_recipe(recipe)
-    marker = "o" if not ghost else ("s" if ghost <= 32 else "^")
-    ax.plot([b for b, _ in points], [a * 100 for _, a in points], "--" if longer else "-",
-            marker=marker, label=recipe)
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("global batch size")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize="small")
+    style = dict(color=f"C{families.index(recipe.replace('+longer', '')) % 10}",
+                 linestyle="--" if longer else "-",
+                 marker="o" if not ghost else "s^Dvp"[ghosts.index(ghost) % 5], label=recipe)
+    for ax in axes:
+      ax.plot([b for b, _ in points], [a * 100 for _, a in points], **style)
+  for ax in axes:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("global batch size")
+    ax.grid(True, alpha=0.3)
+  axes[0].set_ylabel("test accuracy (%)")
+  axes[0].set_title(title, fontsize="medium")
+  top = max((float(r["test_accuracy"]) * 100 for r in rows if r["diverged"] == "0"), default=100)
+  axes[1].set_ylim(top - 10, top + 0.5)
+  axes[1].set_title("the top 10 points, magnified", fontsize="medium")
+  axes[1].legend(fontsize="small", loc="lower left")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
