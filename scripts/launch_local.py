@@ -100,7 +100,7 @@ def launch(num_processes: int, command: list[str], port: int, grace: float) -> i
 
   failed_rank = None
   while None in [p.poll() for p in processes]:  # a list: poll every process, every time
-    failed = [r for r, p in enumerate(processes) if p.returncode not in (None, 0)]
+    failed = _failed_ranks(processes)
     if failed and failed_rank is None and not requested:
       failed_rank = failed[0]
       _say(f"rank {failed_rank} {_status(processes[failed_rank].returncode)}; "
@@ -114,11 +114,21 @@ def launch(num_processes: int, command: list[str], port: int, grace: float) -> i
   if all(code == 0 for code in codes):
     return 0
   if failed_rank is None:
-    failed_rank = next(r for r, code in enumerate(codes) if code != 0)
+    failed_rank = _failed_ranks(processes)[0]
     if not requested:
       _say(f"rank {failed_rank} {_status(codes[failed_rank])}")
   code = codes[failed_rank]
   return code if code > 0 else 128 + (-code)
+
+
+def _failed_ranks(processes: list[subprocess.Popen]) -> list[int]:
+  """Ranks that ended with an error, the ones killed by a signal first.
+
+  When one rank is killed, the others often fail a collective and exit with an
+  error within the same tenth of a second; the killed rank is the cause to report.
+  """
+  failed = [r for r, p in enumerate(processes) if p.returncode not in (None, 0)]
+  return sorted(failed, key=lambda r: (processes[r].returncode > 0, r))
 
 
 def _stop(processes: list[subprocess.Popen], grace: float) -> None:
