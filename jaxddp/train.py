@@ -2,7 +2,8 @@
 
 1. Check the config, find the devices, load the data, resolve the recipe:
    every user error surfaces here, before anything compiles or is written.
-2. Build the model, optimizer and state; resume from the latest checkpoint.
+2. Build the model, optimizer and state (1 and 2 are `setup`, which
+   scripts/benchmark.py shares); resume from the latest checkpoint.
 3. Train: dispatch steps with a bounded number in flight, log, evaluate,
    checkpoint, stop cleanly on SIGTERM, stop loudly on a non-finite loss.
 4. Evaluate on the whole test split and report.
@@ -47,25 +48,52 @@ class TrainResult:
   eval_metrics: dict[str, float]  # {"loss": ..., "accuracy": ...} on the whole test split
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-  """Trains data-parallel on every selected device, then evaluates on the test split."""
-  # --- 1. Config, devices, data, recipe: fail before compiling or writing. ---
+@dataclasses.dataclass
+class Setup:
+  """What a run trains with, built from the config alone (no workdir)."""
+  devices: list[jax.Device]
+  dataset: data.InMemoryDataset
+  recipe: config_lib.Recipe
+  backend: parallel.Backend
+  state: TrainState  # freshly initialised, placed on the devices
+  train_batches: data.TrainBatches  # step -> this process's part of that step's batch
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Steps 1 and 2 of a run, up to its first step (scripts/benchmark.py times from here).
+
+  Checks the config, finds the devices, loads the data and resolves the recipe (every
+  user error surfaces here, before anything compiles), then builds the model,
+  optimizer, backend and initial state.
+  """
   config_lib.validate(config)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise config_lib.ConfigError(f"--workdir={workdir} is a file; give a directory")
   devices = parallel.select_devices(config.parallel.cpu_devices)
   dataset = data.load_dataset(config)
   recipe = config_lib.resolve(config, num_train_examples=len(dataset.train_x),
                               num_test_examples=len(dataset.test_x), num_devices=len(devices),
                               num_processes=jax.process_count())
-  is_main_process = jax.process_index() == 0
-
-  # --- 2. Model, optimizer, state, and the latest checkpoint if there is one. ---
   model = models.create_model(config, dataset.num_classes)
   schedule = optim.learning_rate_schedule(config, recipe)
   tx = optim.create_optimizer(config, schedule)
   backend = parallel.create_backend(config, devices, schedule)
   state = backend.put_state(create_train_state(model, tx, dataset.input_shape, config.seed))
+  train_batches = data.TrainBatches(
+      dataset.train_x, dataset.train_y, global_batch_size=recipe.effective_batch_size,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      max_shift=config.dataset.max_shift)
+  return Setup(devices, dataset, recipe, backend, state, train_batches)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+  """Trains data-parallel on every selected device, then evaluates on the test split."""
+  # --- 1 and 2. Config, devices, data, recipe (fail before compiling or writing); model,
+  # optimizer, state, and the latest checkpoint if there is one. ---
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"--workdir={workdir} is a file; give a directory")
+  run = setup(config)
+  devices, dataset, recipe, backend, state = (run.devices, run.dataset, run.recipe, run.backend,
+                                              run.state)
+  is_main_process = jax.process_index() == 0
   checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
   state = backend.put_state(checkpointer.restore_latest(backend.global_state(state)))
   start_step = int(parallel.local_value(backend.global_state(state).step))
@@ -81,10 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer = MetricWriter(workdir, enabled=is_main_process)
 
   # --- 3. Train. ---
-  train_batches = data.TrainBatches(
-      dataset.train_x, dataset.train_y, global_batch_size=recipe.effective_batch_size,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      max_shift=config.dataset.max_shift)
+  train_batches = run.train_batches
   window = SumCounter()
   window_start = time.time()
   learning_rate = 0.0

@@ -73,28 +73,10 @@ class StepTimer:
   """One config's compiled training step, state and batch, ready to be timed."""
 
   def __init__(self, config):
-    import jax
-    from jaxddp import config as config_lib
-    from jaxddp import data, models, optim, parallel
-    from jaxddp.state import create_train_state
-
-    config_lib.validate(config)
-    devices = parallel.select_devices(config.parallel.cpu_devices)
-    dataset = data.load_dataset(config)
-    self.recipe = config_lib.resolve(
-        config, num_train_examples=len(dataset.train_x), num_test_examples=len(dataset.test_x),
-        num_devices=len(devices), num_processes=jax.process_count())
-    model = models.create_model(config, dataset.num_classes)
-    schedule = optim.learning_rate_schedule(config, self.recipe)
-    self.backend = parallel.create_backend(config, devices, schedule)
-    tx = optim.create_optimizer(config, schedule)
-    self.state = self.backend.put_state(
-        create_train_state(model, tx, dataset.input_shape, config.seed))
-    batches = data.TrainBatches(
-        dataset.train_x, dataset.train_y, global_batch_size=self.recipe.effective_batch_size,
-        seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), max_shift=config.dataset.max_shift)
-    self.batch = self.backend.put_batch(batches(0))
+    from jaxddp import train
+    run = train.setup(config)  # exactly what jaxddp.main trains with
+    self.recipe, self.backend, self.state = run.recipe, run.backend, run.state
+    self.batch = self.backend.put_batch(run.train_batches(0))
     self.seconds: list[float] = []
 
   def run(self, steps: int, record: bool) -> None:
