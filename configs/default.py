@@ -92,6 +92,40 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.decay_factor = 0.1
   config.optimizer.polynomial_power = 2.0
 
+  # Sparse training (see README, "Sparse training", and docs/sparsity.md). With a
+  # method other than none, the models' dense and convolution layers become
+  # jaxddp.nn.MaskedDense / MaskedConv.
+  config.sparsity = ml_collections.ConfigDict()
+  # none; magnitude (prune the smallest weights once, at start_step);
+  # gradual_magnitude (prune every update_every steps from start_step to end_step,
+  # towards weight_sparsity on the cubic schedule of Zhu & Gupta 2017); random (a
+  # random mask fixed at initialisation); swat (sparse weight activation training,
+  # Raihan & Aamodt 2020: the top-K weights, recomputed every update_every steps,
+  # and a sparse layer input for the kernel gradient). Pruned weights of the first
+  # three methods get no update and stay exactly 0; under swat every weight trains.
+  config.sparsity.method = "none"
+  # Target fraction of zero weights over the masked layers.
+  config.sparsity.weight_sparsity = 0.8
+  # swat only: fraction of each layer's input zeroed (the smallest magnitudes) for
+  # its kernel gradient; 0 turns that off.
+  config.sparsity.activation_sparsity = 0.8
+  # How weight_sparsity is spread over the layers: uniform (each layer gets it) or
+  # erk (Erdos-Renyi-Kernel, Evci et al. 2020: larger layers sparser).
+  config.sparsity.distribution = "uniform"
+  # layerwise (each layer keeps its own largest weights) or global (one magnitude
+  # threshold over all masked layers; needs distribution=uniform).
+  config.sparsity.scope = "layerwise"
+  # Keep the first layer (the stem convolution) and/or the last (the classifier)
+  # dense: plain layers, no mask, no SWAT.
+  config.sparsity.skip_first_layer = True
+  config.sparsity.skip_last_layer = False
+  # Steps of the schedule, counted in optimizer updates: pruning starts at
+  # start_step; gradual_magnitude reaches weight_sparsity at end_step (0 = 3/4 of
+  # the run); gradual_magnitude and swat recompute the masks every update_every steps.
+  config.sparsity.start_step = 0
+  config.sparsity.end_step = 0
+  config.sparsity.update_every = 100
+
   config.train = ml_collections.ConfigDict()
   # Global batch size of one forward pass: summed over every device of every process.
   config.train.batch_size = 128

@@ -1,6 +1,6 @@
 """Checkpoints in workdir/checkpoints (orbax), automatic resume, and stop-on-signal.
 
-A checkpoint holds the whole TrainState (step, params, batch_stats, opt_state).
+A checkpoint holds the whole TrainState (step, params, batch_stats, masks, opt_state).
 The data order is a pure function of (seed, step), so restoring the state is
 all it takes to continue exactly where a run stopped.
 """
@@ -61,7 +61,7 @@ class Checkpointer:
     if step is None:
       return state
     saved = self.manager.item_metadata(step).tree
-    for part in ("params", "batch_stats"):
+    for part in ("params", "batch_stats", "masks"):
       problem = _first_difference(_shapes(saved.get(part, {})), _shapes(getattr(state, part)))
       if problem:
         raise ConfigError(f"the checkpoint in {self.directory} was written by a different model "

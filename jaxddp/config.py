@@ -22,6 +22,9 @@ SCALINGS = ("none", "linear", "sqrt")
 EPOCHS_SCALINGS = ("none", "linear")
 BACKENDS = ("shard_map", "pmap")
 CLUSTERS = ("auto", "none", "slurm", "ompi", "k8s")
+SPARSITY_METHODS = ("none", "magnitude", "gradual_magnitude", "random", "swat")
+SPARSITY_DISTRIBUTIONS = ("uniform", "erk")
+SPARSITY_SCOPES = ("layerwise", "global")
 
 
 class ConfigError(ValueError):
@@ -103,6 +106,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("dataset.synthetic_num_classes", "dataset.synthetic_train_size",
                   "dataset.synthetic_test_size"):
       _positive(config, field)
+
+
+def _validate_sparsity(config: ml_collections.ConfigDict) -> None:
+  sp = config.sparsity
+  _choice(config, "sparsity.method", SPARSITY_METHODS)
+  _choice(config, "sparsity.distribution", SPARSITY_DISTRIBUTIONS)
+  _choice(config, "sparsity.scope", SPARSITY_SCOPES)
+  for field in ("weight_sparsity", "activation_sparsity"):
+    value = sp[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+      raise ConfigError(f"config.sparsity.{field}={value!r} is not valid; it must be a "
+                        "fraction in [0, 1)")
+  for field, minimum in (("start_step", 0), ("end_step", 0), ("update_every", 1)):
+    value = sp[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise ConfigError(f"config.sparsity.{field}={value!r} is not valid; it must be an "
+                        f"integer >= {minimum}")
+  if sp.scope == "global" and sp.distribution == "erk":
+    raise ConfigError("config.sparsity.distribution='erk' sets each layer's sparsity, which "
+                      "config.sparsity.scope='global' leaves to one magnitude threshold; use "
+                      "scope=layerwise with erk, or distribution=uniform with global")
 
 
 @dataclasses.dataclass(frozen=True)

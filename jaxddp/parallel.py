@@ -27,6 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxddp import steps
 from jaxddp.config import ConfigError
+from jaxddp.sparsity import Sparsity
 from jaxddp.state import TrainState
 
 
@@ -145,9 +146,9 @@ def metrics_to_host(metrics: list[dict]) -> list[dict[str, float]]:
 
 
 def create_backend(config: ml_collections.ConfigDict, devices: list[jax.Device],
-                   learning_rate_fn: Callable) -> Backend:
+                   learning_rate_fn: Callable, sparsity: Sparsity | None = None) -> Backend:
   train_step = functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn,
                                  accumulation_steps=config.train.accumulation_steps,
-                                 label_smoothing=config.train.label_smoothing)
+                                 label_smoothing=config.train.label_smoothing, sparsity=sparsity)
   backend = {"shard_map": ShardMapBackend, "pmap": PmapBackend}[config.parallel.backend]
   return backend(devices, train_step, steps.eval_step)

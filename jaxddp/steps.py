@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxddp.sparsity import Sparsity
 from jaxddp.state import TrainState
 
 AXIS = "data"
@@ -47,8 +48,8 @@ def _training_loss(logits, labels, label_smoothing: float) -> jnp.ndarray:
 
 
 def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
-               accumulation_steps: int = 1, label_smoothing: float = 0.0
-               ) -> tuple[TrainState, dict]:
+               accumulation_steps: int = 1, label_smoothing: float = 0.0,
+               sparsity: Sparsity | None = None) -> tuple[TrainState, dict]:
   """One optimizer update from this device's slice of the (effective) global batch.
 
   With accumulation_steps = k the slice is split into k consecutive micro-batches,
@@ -56,12 +57,18 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
   are averaged, so the update equals one step on the whole effective batch for a
   model without batch-dependent layers. Batch-norm statistics update after each
   micro-batch, as they would over k separate steps.
+
+  With `sparsity`, the weight masks are first recomputed if this is one of the
+  schedule's update steps (from the replicated weights: the same on every device).
   """
+  if sparsity is not None:
+    state = sparsity.update(state)
   params = _per_device(state.params)
 
   def loss_fn(params, batch_stats, micro_batch):
-    logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats},
-                                     micro_batch["x"], train=True, mutable=["batch_stats"])
+    variables = {**state.variables(params), "batch_stats": batch_stats}
+    logits, updates = state.apply_fn(variables, micro_batch["x"], train=True,
+                                     mutable=["batch_stats"])
     loss = _training_loss(logits, micro_batch["y"], label_smoothing)
     return loss, (logits, updates["batch_stats"])
 
@@ -90,6 +97,8 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
   batch_stats = jax.lax.pmean(batch_stats, AXIS)
   metrics = jax.lax.psum(sums, AXIS)
   metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+  if sparsity is not None:
+    metrics["flops"] = jnp.asarray(sparsity.train_step_flops(state.masks), jnp.float32)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   # A finite loss can still be followed by an overflowing update: check the result too.
   finite = [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(state.params)]
@@ -99,6 +108,5 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
 
 def eval_step(state: TrainState, batch: dict) -> dict:
   """Masked sums over this device's slice; padded examples (mask 0) count for nothing."""
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                          batch["x"], train=False)
+  logits = state.apply_fn(state.variables(), batch["x"], train=False)
   return jax.lax.psum(_local_sums(logits, batch["y"], batch["mask"]), AXIS)

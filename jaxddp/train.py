@@ -23,9 +23,9 @@ import jax
 import ml_collections
 
 from jaxddp import config as config_lib
-from jaxddp import data, distributed, models, optim, parallel
+from jaxddp import data, distributed, models, optim, parallel, sparsity
 from jaxddp.checkpoint import Checkpointer, StopSignal
-from jaxddp.metrics import MetricWriter, Progress, SumCounter, format_recipe
+from jaxddp.metrics import MetricWriter, Progress, SumCounter, format_recipe, read_scalar
 from jaxddp.state import TrainState, create_train_state
 
 
@@ -55,6 +55,7 @@ class Setup:
   dataset: data.InMemoryDataset
   recipe: config_lib.Recipe
   backend: parallel.Backend
+  sparsity: sparsity.Sparsity  # masks' schedule (method none: dense) and the FLOPs count
   state: TrainState  # freshly initialised, placed on the devices
   train_batches: data.TrainBatches  # step -> this process's part of that step's batch
 
@@ -73,15 +74,17 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                               num_test_examples=len(dataset.test_x), num_devices=len(devices),
                               num_processes=jax.process_count())
   model = models.create_model(config, dataset.num_classes)
+  sparse = sparsity.create(config, recipe, model, dataset.input_shape)
   schedule = optim.learning_rate_schedule(config, recipe)
   tx = optim.create_optimizer(config, schedule)
-  backend = parallel.create_backend(config, devices, schedule)
-  state = backend.put_state(create_train_state(model, tx, dataset.input_shape, config.seed))
+  backend = parallel.create_backend(config, devices, schedule, sparse)
+  state = sparse.initialize(create_train_state(model, tx, dataset.input_shape, config.seed))
+  state = backend.put_state(state)
   train_batches = data.TrainBatches(
       dataset.train_x, dataset.train_y, global_batch_size=recipe.effective_batch_size,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       max_shift=config.dataset.max_shift)
-  return Setup(devices, dataset, recipe, backend, state, train_batches)
+  return Setup(devices, dataset, recipe, backend, sparse, state, train_batches)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
@@ -91,8 +94,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise config_lib.ConfigError(f"--workdir={workdir} is a file; give a directory")
   run = setup(config)
-  devices, dataset, recipe, backend, state = (run.devices, run.dataset, run.recipe, run.backend,
-                                              run.state)
+  devices, dataset, recipe, backend, state, sparse = (run.devices, run.dataset, run.recipe,
+                                                      run.backend, run.state, run.sparsity)
   is_main_process = jax.process_index() == 0
   checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
   state = backend.put_state(checkpointer.restore_latest(backend.global_state(state)))
@@ -107,6 +110,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if start_step:
       progress.print(f"resuming from the checkpoint at step {start_step}")
   writer = MetricWriter(workdir, enabled=is_main_process)
+  # Training FLOPs so far (analytical, sparse; see jaxddp.sparsity), summed per step.
+  train_flops = read_scalar(workdir, "flops/train_total", start_step) or 0.0
 
   # --- 3. Train. ---
   train_batches = run.train_batches
@@ -123,7 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   def check_steps() -> None:
     """Waits for every step in flight, reads their metrics in one transfer, checks them."""
-    nonlocal learning_rate
+    nonlocal learning_rate, train_flops
     while in_flight:
       wait_for_oldest_step()
     for (step, _), metrics in zip(finished, parallel.metrics_to_host([m for _, m in finished])):
@@ -135,6 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             f"{checkpointer.directory} is kept; try a lower config.optimizer.learning_rate)")
       window.add(metrics)
       learning_rate = metrics["learning_rate"]
+      train_flops += metrics["flops"]
     finished.clear()
 
   run_start = time.time()
@@ -158,17 +164,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           scalars = {f"train/{k}": v for k, v in window.averages().items()}
           scalars["train/learning_rate"] = learning_rate
           scalars["train/examples_per_second"] = window.count / seconds
+          scalars["flops/train_total"] = train_flops
           writer.write(done, scalars)
           progress.update(done, scalars)
           window, window_start = SumCounter(), time.time()
         if config.train.eval_every and done % config.train.eval_every == 0 \
             and done < recipe.total_steps:
           metrics = evaluate(backend, state, dataset, recipe)
-          writer.write(done, {f"eval/{k}": v for k, v in metrics.items()})
+          writer.write(done, {**{f"eval/{k}": v for k, v in metrics.items()},
+                              **sparsity_report(sparse, backend, state, done, train_flops)})
           watchdog.pet()
         if done % config.train.checkpoint_every == 0 or done == recipe.total_steps:
           check_steps()
           checkpointer.save(done, backend.global_state(state))
+          writer.write(done, {"flops/train_total": train_flops})  # for a resumed run's total
           watchdog.pet()
         if _stop_requested(stop, done, config.train.log_every):
           check_steps()
@@ -179,11 +188,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
       # --- 4. Final evaluation on every test example. ---
       final = evaluate(backend, state, dataset, recipe)
-    writer.write(recipe.total_steps, {f"eval/{k}": v for k, v in final.items()})
+    report = sparsity_report(sparse, backend, state, recipe.total_steps, train_flops)
+    writer.write(recipe.total_steps, {**{f"eval/{k}": v for k, v in final.items()}, **report})
   finally:
     progress.close()
     writer.close()
     checkpointer.close()
+  if sparse.method != "none":
+    progress.print(sparse.format_table(report, train_flops, report["flops/train_total_dense"]))
   progress.print(f"final test accuracy {final['accuracy']:.2%} (loss {final['loss']:.4f}) after "
                  f"{recipe.total_steps} steps, {time.time() - run_start:.1f}s of training")
   return TrainResult(backend.global_state(state), final)
@@ -199,6 +211,16 @@ def evaluate(backend: parallel.Backend, state: TrainState, dataset: data.InMemor
   for batch in batches:  # one batch at a time: unbounded dispatch can deadlock CPU collectives
     counter.add(parallel.metrics_to_host([backend.eval_step(state, backend.put_batch(batch))])[0])
   return counter.averages()
+
+
+def sparsity_report(sparse: sparsity.Sparsity, backend: parallel.Backend, state: TrainState,
+                    step: int, train_flops: float) -> dict[str, float]:
+  """Weight sparsity per layer and in total, and FLOPs (per example, per step, in total)."""
+  masks = jax.tree.map(parallel.local_value, backend.global_state(state).masks)
+  scalars = sparse.report(masks)
+  scalars["flops/train_total"] = train_flops
+  scalars["flops/train_total_dense"] = step * scalars["flops/train_step_dense"]
+  return scalars
 
 
 def _stop_requested(stop: StopSignal, done: int, log_every: int) -> bool:

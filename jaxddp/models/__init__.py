@@ -9,8 +9,9 @@ import flax.linen as nn
 import ml_collections
 
 from jaxddp.models.cnn import CNN
+from jaxddp.models.layers import Layers
 from jaxddp.models.resnet import BasicBlock, BottleneckBlock, ResNet
-from jaxddp.nn import GhostBatchNorm
+from jaxddp.nn import GhostBatchNorm, MaskedConv, MaskedDense
 
 RESNETS = {
     "resnet18": ([2, 2, 2, 2], BasicBlock),
@@ -49,14 +50,32 @@ def norm_layer(config: ml_collections.ConfigDict):
                            axis_name=axis_name)
 
 
+def layers(config: ml_collections.ConfigDict) -> Layers:
+  """flax's Dense and Conv, or masked ones (jaxddp.nn) for sparse training.
+
+  Under SWAT the masked layers also sparsify their input in the backward pass.
+  skip_first_layer / skip_last_layer keep those layers plain (no mask).
+  """
+  sparsity = config.sparsity
+  if sparsity.method == "none":
+    return Layers()
+  swat = {"activation_sparsity": sparsity.activation_sparsity} if sparsity.method == "swat" \
+      else {}
+  conv = functools.partial(MaskedConv, **swat)
+  return Layers(first=nn.Conv if sparsity.skip_first_layer else conv, conv=conv,
+                last=nn.Dense if sparsity.skip_last_layer else
+                functools.partial(MaskedDense, **swat))
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   name = config.model.name
   norm = norm_layer(config)
   if name == "cnn":
-    return CNN(num_classes=num_classes, norm=norm, width=config.model.width)
+    return CNN(num_classes=num_classes, norm=norm, width=config.model.width,
+               layers=layers(config))
   if name in RESNETS:
     stage_sizes, block = RESNETS[name]
     return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes, norm=norm,
                   width=config.model.width, stem=config.model.stem,
-                  zero_init_residual=config.model.zero_init_residual)
+                  zero_init_residual=config.model.zero_init_residual, layers=layers(config))
   raise ValueError(f"unknown model {name!r}")  # config.validate catches this first

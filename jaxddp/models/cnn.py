@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-ModuleDef = Callable[..., Any]
+from jaxddp.models.layers import Layers, ModuleDef
 
 
 class CNN(nn.Module):
@@ -15,17 +13,19 @@ class CNN(nn.Module):
   num_classes: int
   norm: ModuleDef
   width: int = 64
+  layers: Layers = Layers()
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     spatial_dims = x.ndim - 2
     kernel = (3,) * spatial_dims
     for stage in range(3):
-      for _ in range(2):
-        x = nn.Conv(self.width * 2**stage, kernel, padding="SAME", use_bias=False)(x)
+      for index in range(2):
+        conv = self.layers.first if stage == index == 0 else self.layers.conv
+        x = conv(self.width * 2**stage, kernel, padding="SAME", use_bias=False)(x)
         x = self.norm(use_running_average=not train)(x)
         x = nn.relu(x)
       if min(x.shape[1:-1]) >= 2:
         x = nn.max_pool(x, (2,) * spatial_dims, strides=(2,) * spatial_dims)
     x = x.mean(axis=tuple(range(1, 1 + spatial_dims)))
-    return nn.Dense(self.num_classes)(x)
+    return self.layers.last(self.num_classes)(x)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-ModuleDef = Callable[..., Any]
+from jaxddp.models.layers import Layers, ModuleDef
 
 
 class _Block(nn.Module):
@@ -15,6 +15,7 @@ class _Block(nn.Module):
   strides: int
   norm: ModuleDef
   zero_init_residual: bool = False  # start the last norm's scale at 0: the block is the identity
+  layers: Layers = Layers()
 
   def _last_norm_options(self) -> dict[str, Any]:
     return {"scale_init": nn.initializers.zeros} if self.zero_init_residual else {}
@@ -27,12 +28,13 @@ class BasicBlock(_Block):
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     d = x.ndim - 2
     norm = lambda: self.norm(use_running_average=not train)
-    y = nn.Conv(self.filters, (3,) * d, (self.strides,) * d, padding="SAME", use_bias=False)(x)
+    y = self.layers.conv(self.filters, (3,) * d, (self.strides,) * d, padding="SAME",
+                         use_bias=False)(x)
     y = nn.relu(norm()(y))
-    y = nn.Conv(self.filters, (3,) * d, padding="SAME", use_bias=False)(y)
+    y = self.layers.conv(self.filters, (3,) * d, padding="SAME", use_bias=False)(y)
     y = self.norm(use_running_average=not train, **self._last_norm_options())(y)
     if x.shape != y.shape:
-      x = nn.Conv(self.filters, (1,) * d, (self.strides,) * d, use_bias=False)(x)
+      x = self.layers.conv(self.filters, (1,) * d, (self.strides,) * d, use_bias=False)(x)
       x = norm()(x)
     return nn.relu(x + y)
 
@@ -44,14 +46,15 @@ class BottleneckBlock(_Block):
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     d = x.ndim - 2
     norm = lambda: self.norm(use_running_average=not train)
-    y = nn.Conv(self.filters, (1,) * d, use_bias=False)(x)
+    y = self.layers.conv(self.filters, (1,) * d, use_bias=False)(x)
     y = nn.relu(norm()(y))
-    y = nn.Conv(self.filters, (3,) * d, (self.strides,) * d, padding="SAME", use_bias=False)(y)
+    y = self.layers.conv(self.filters, (3,) * d, (self.strides,) * d, padding="SAME",
+                         use_bias=False)(y)
     y = nn.relu(norm()(y))
-    y = nn.Conv(self.filters * 4, (1,) * d, use_bias=False)(y)
+    y = self.layers.conv(self.filters * 4, (1,) * d, use_bias=False)(y)
     y = self.norm(use_running_average=not train, **self._last_norm_options())(y)
     if x.shape != y.shape:
-      x = nn.Conv(self.filters * 4, (1,) * d, (self.strides,) * d, use_bias=False)(x)
+      x = self.layers.conv(self.filters * 4, (1,) * d, (self.strides,) * d, use_bias=False)(x)
       x = norm()(x)
     return nn.relu(x + y)
 
@@ -64,6 +67,7 @@ class ResNet(nn.Module):
   width: int = 64
   stem: str = "auto"  # imagenet | small | auto
   zero_init_residual: bool = False
+  layers: Layers = Layers()
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -72,16 +76,16 @@ class ResNet(nn.Module):
     if stem == "auto":
       stem = "imagenet" if min(x.shape[1:-1]) >= 64 else "small"
     if stem == "imagenet":
-      x = nn.Conv(self.width, (7,) * d, (2,) * d, padding="SAME", use_bias=False)(x)
+      x = self.layers.first(self.width, (7,) * d, (2,) * d, padding="SAME", use_bias=False)(x)
       x = nn.relu(self.norm(use_running_average=not train)(x))
       x = nn.max_pool(x, (3,) * d, strides=(2,) * d, padding="SAME")
     else:
-      x = nn.Conv(self.width, (3,) * d, padding="SAME", use_bias=False)(x)
+      x = self.layers.first(self.width, (3,) * d, padding="SAME", use_bias=False)(x)
       x = nn.relu(self.norm(use_running_average=not train)(x))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
         strides = 2 if stage > 0 and index == 0 else 1
-        x = self.block(self.width * 2**stage, strides, self.norm,
-                       self.zero_init_residual)(x, train)
+        x = self.block(self.width * 2**stage, strides, self.norm, self.zero_init_residual,
+                       self.layers)(x, train)
     x = x.mean(axis=tuple(range(1, 1 + d)))
-    return nn.Dense(self.num_classes)(x)
+    return self.layers.last(self.num_classes)(x)
