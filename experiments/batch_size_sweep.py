@@ -23,7 +23,6 @@ so an interrupted sweep continues where it stopped) and OUT/accuracy_vs_batch.pn
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sys
@@ -33,6 +32,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.results import append_row, finished, read_rows  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/mnist1d.py.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for results.csv, the figure and the runs.")
@@ -79,20 +79,13 @@ def parse_recipe(recipe: str) -> tuple[str, bool, int]:
   return scaling, longer, int(ghosts[0][5:]) if ghosts else 0
 
 
-def _done(path: str) -> set[tuple[str, int]]:
-  if not os.path.exists(path):
-    return set()
-  with open(path) as f:
-    return {(row["recipe"], int(row["batch_size"])) for row in csv.DictReader(f)}
-
-
 def run_sweep(base, out: str, batch_sizes: list[int], recipes: list[str],
               warmup_epochs: float) -> str:
   from jaxddp import train
 
   reference = base.train.batch_size
   results = os.path.join(out, "results.csv")
-  done = _done(results)
+  done = finished(results, lambda row: (row["recipe"], int(row["batch_size"])))
   todo = [(r, b) for r in recipes for b in batch_sizes if (r, b) not in done]
   print(f"batch-size sweep: {len(todo)} runs to go ({len(done)} already in {results}); "
         f"reference batch {reference}", flush=True)
@@ -111,12 +104,7 @@ def run_sweep(base, out: str, batch_sizes: list[int], recipes: list[str],
       resolved = json.load(f)["recipe"]
     row.update(peak_learning_rate=resolved["peak_learning_rate"], epochs=resolved["epochs"],
                steps=resolved["total_steps"], seconds=round(time.time() - start, 1))
-    new_file = not os.path.exists(results)
-    with open(results, "a", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=FIELDS)
-      if new_file:
-        writer.writeheader()
-      writer.writerow(row)
+    append_row(results, FIELDS, row)
     print(f"[{index}/{len(todo)}] {recipe:>22}  batch {batch_size:>5}  peak LR "
           f"{row['peak_learning_rate']:.3g}  {row['epochs']:.3g} epochs  test accuracy "
           f"{row['test_accuracy']:.4f}{'  (diverged)' if row['diverged'] else ''}  "
@@ -134,8 +122,7 @@ def plot(results: str, path: str, title: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  with open(results) as f:
-    rows = list(csv.DictReader(f))
+  rows = read_rows(results)
   recipes = list(dict.fromkeys(r["recipe"] for r in rows))
   families = list(dict.fromkeys(r.replace("+longer", "") for r in recipes))
   ghosts = sorted({parse_recipe(r)[2] for r in recipes} - {0})

@@ -106,6 +106,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("dataset.synthetic_num_classes", "dataset.synthetic_train_size",
                   "dataset.synthetic_test_size"):
       _positive(config, field)
+  _validate_sparsity(config)
 
 
 def _validate_sparsity(config: ml_collections.ConfigDict) -> None:

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from flax.training import train_state
 
 
@@ -15,7 +16,7 @@ class TrainState(train_state.TrainState):
   """Flax's TrainState (step, params, opt_state, tx) plus batch-norm statistics and
   the weight masks of masked layers (both empty when the model has none)."""
   batch_stats: Any
-  masks: Any
+  masks: Any = struct.field(default_factory=dict)
 
   def variables(self, params=None) -> dict[str, Any]:
     """What the model is applied to: `params` (default: the state's), statistics, masks."""

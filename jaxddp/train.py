@@ -143,6 +143,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       train_flops += metrics["flops"]
     finished.clear()
 
+  def save_checkpoint(done: int) -> None:
+    check_steps()
+    checkpointer.save(done, backend.global_state(state))
+    writer.write(done, {"flops/train_total": train_flops})  # where a resumed run's total starts
+    watchdog.pet()
+
   run_start = time.time()
   hang = (f"no step, evaluation or checkpoint finished for {config.distributed.hang_timeout} s "
           "(config.distributed.hang_timeout): another process may have died or hung")
@@ -175,13 +181,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                               **sparsity_report(sparse, backend, state, done, train_flops)})
           watchdog.pet()
         if done % config.train.checkpoint_every == 0 or done == recipe.total_steps:
-          check_steps()
-          checkpointer.save(done, backend.global_state(state))
-          writer.write(done, {"flops/train_total": train_flops})  # for a resumed run's total
-          watchdog.pet()
+          save_checkpoint(done)
         if _stop_requested(stop, done, config.train.log_every):
-          check_steps()
-          checkpointer.save(done, backend.global_state(state))
+          save_checkpoint(done)
           raise TrainingInterrupted(stop.name or "a signal to another process",
                                     stop.received or signal.SIGTERM, done)
       check_steps()

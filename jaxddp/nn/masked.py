@@ -44,14 +44,18 @@ def kth_largest(values: jnp.ndarray, k: int) -> jnp.ndarray:
   entries on a CPU core).
   """
   bits = lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
-  # Invariant: count(bits >= low) >= k > count(bits >= high); high starts above +inf.
-  # (A Python loop, not lax.fori_loop: inside shard_map the bounds become per-device
-  # values, which a loop's carry would have to declare.)
-  low, high = jnp.int32(0), jnp.int32(0x7F800001)
-  for _ in range(31):
+
+  def halve(_, bounds):  # invariant: count(bits >= low) >= k > count(bits >= high)
+    low, high = bounds
     middle = low + (high - low) // 2
     enough = jnp.sum(bits >= middle) >= k
-    low, high = jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+    return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+
+  # The bounds start from `bits` (zeros_like) so that they vary over devices as
+  # `bits` does inside shard_map, which the loop's carry must declare from the start.
+  low = jnp.zeros_like(bits, shape=())
+  high = low + 0x7F800001  # above +inf
+  low, _ = lax.fori_loop(0, 31, halve, (low, high))
   return lax.bitcast_convert_type(low, jnp.float32)
 
 
