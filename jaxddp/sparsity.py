@@ -125,7 +125,7 @@ class Sparsity:
 
   def target(self, step: int) -> float:
     """The weight sparsity the masks have after the update at `step` (if any)."""
-    if self.method in ("none",) or step < self.start_step:
+    if self.method == "none" or step < self.start_step:
       return 0.0
     if self.method == "gradual_magnitude":
       progress = min(1.0, (step - self.start_step) / (self.end_step - self.start_step))
@@ -133,7 +133,8 @@ class Sparsity:
     return self.weight_sparsity
 
   def update_steps(self) -> list[int]:
-    """Steps at whose start the masks are recomputed (swat: the first few of them)."""
+    """Steps at whose start magnitude and gradual_magnitude recompute the masks (swat's
+    updates are periodic, random's never happen: see `update`)."""
     if self.method == "magnitude":
       return [self.start_step]
     if self.method == "gradual_magnitude":
@@ -210,7 +211,7 @@ class Sparsity:
 
   def _prune(self, state: TrainState, masks: dict[str, jnp.ndarray]) -> TrainState:
     """New masks; pruned weights and their optimizer state (momenta, moments) set to 0."""
-    full = masks_like_params(state.params, masks)
+    full = _masks_like_params(state.params, masks)
     params = jax.tree.map(jnp.multiply, state.params, full)
     opt_state = optax.tree_utils.tree_map_params(
         state.tx, lambda value, mask: value * mask, state.opt_state, full,
@@ -249,9 +250,9 @@ class Sparsity:
       else:
         kernel_grad = 2 * p * n
       totals["forward_dense"] += 2 * p * w
-      totals["forward_sparse"] = totals["forward_sparse"] + 2 * p * n
+      totals["forward_sparse"] += 2 * p * n
       totals["backward_dense"] += 4 * p * w
-      totals["backward_sparse"] = totals["backward_sparse"] + 2 * p * n + kernel_grad
+      totals["backward_sparse"] += 2 * p * n + kernel_grad
     return totals
 
   def train_step_flops(self, masks) -> jnp.ndarray:
@@ -301,7 +302,7 @@ class Sparsity:
     return "\n".join(lines)
 
 
-def masks_like_params(params, masks: dict[str, jnp.ndarray]):
+def _masks_like_params(params, masks: dict[str, jnp.ndarray]):
   """A tree shaped like params: each masked kernel's mask, a scalar 1 elsewhere."""
   flat = traverse_util.flatten_dict(params, sep="/")
   return traverse_util.unflatten_dict(

@@ -137,3 +137,11 @@ def test_config_file_found_from_another_directory(tmp_path):
                      "--config.parallel.cpu_devices=8"], cwd=tmp_path)
   # It got as far as the device check: the config itself loaded.
   _assert_one_line_error(result, "config.train.batch_size=100")
+
+
+def test_sparsity_schedule_checked_against_the_run(tmp_path):
+  """config.sparsity is checked against the run's length before anything compiles."""
+  result = _run_bad(tmp_path, "--config.sparsity.method=gradual_magnitude",
+                    "--config.sparsity.start_step=500", "--config.sparsity.end_step=400")
+  _assert_one_line_error(result, "config.sparsity.end_step=400 must be after "
+                                 "config.sparsity.start_step=500")

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
@@ -39,3 +38,28 @@ def test_batch_size_sweep_quick(tmp_path):
   again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "0 runs to go (4 already in" in again.stdout
+
+
+def test_sparsity_sweep_quick(tmp_path):
+  command = [sys.executable, "experiments/sparsity_sweep.py", "--config=configs/mnist1d.py",
+             f"--out={tmp_path}", "--quick", "--methods=gradual_magnitude,swat",
+             "--config.model.width=8"]
+  completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  with open(tmp_path / "results.csv") as f:
+    rows = {row["method"]: row for row in csv.DictReader(f)}
+  assert sorted(rows) == ["gradual_magnitude", "none", "swat"]
+  for row in rows.values():
+    assert 0.2 < float(row["test_accuracy"]) <= 1.0, row  # above chance (0.1) after 2 epochs
+  assert float(rows["none"]["flops_ratio"]) == 1.0
+  assert float(rows["none"]["final_weight_sparsity"]) == 0.0
+  # SWAT at 0.8 from the first step: 0.8 of the masked weights are 0 throughout (the
+  # first layer stays dense), and activation sparsity 0.8 as well.
+  assert float(rows["swat"]["activation_sparsity"]) == 0.8
+  assert 0.79 < float(rows["swat"]["final_weight_sparsity"]) < 0.8
+  assert 0.15 < float(rows["swat"]["flops_ratio"]) < 0.25
+  # Gradual pruning reaches 0.8 at 3/4 of the run and was denser before: more FLOPs.
+  assert 0.79 < float(rows["gradual_magnitude"]["final_weight_sparsity"]) < 0.8
+  assert float(rows["swat"]["flops_ratio"]) < float(rows["gradual_magnitude"]["flops_ratio"]) < 1
+  with open(tmp_path / "accuracy_vs_sparsity.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
