@@ -2,11 +2,12 @@
 
 1. Check the config, find the devices, load the data, resolve the recipe:
    every user error surfaces here, before anything compiles or is written.
-2. Build the model, optimizer and state (1 and 2 are `setup`, which
-   scripts/benchmark.py shares); resume from the latest checkpoint.
-3. Train: dispatch steps with a bounded number in flight, log, evaluate,
-   checkpoint, stop cleanly on SIGTERM, stop loudly on a non-finite loss.
-4. Evaluate on the whole test split and report.
+2. Build the model, its sparsity schedule, optimizer and state (1 and 2 are
+   `setup`, which scripts/benchmark.py shares); resume from the latest checkpoint.
+3. Train: dispatch steps with a bounded number in flight, log, evaluate (with
+   the weight sparsity and FLOPs report), checkpoint, stop cleanly on SIGTERM,
+   stop loudly on a non-finite loss.
+4. Evaluate on the whole test split and report (a sparse run prints a table).
 """
 
 from __future__ import annotations
