@@ -184,9 +184,13 @@ def test_metrics_jsonl_has_train_and_eval_records(finished):
   train_records = {r["step"]: r for r in records if "train/loss" in r}
   eval_records = [r for r in records if "eval/loss" in r]
   assert sorted(train_records) == [5, 10]
+  # A dense run: every step costs the dense step's FLOPs (the final report's figure).
+  step_flops = eval_records[-1]["flops/train_step_dense"]
+  assert eval_records[-1]["flops/train_step_sparse"] == step_flops
   for step, record in train_records.items():
     assert set(record) == {"step", "train/loss", "train/accuracy", "train/learning_rate",
-                           "train/examples_per_second"}, record
+                           "train/examples_per_second", "flops/train_total"}, record
+    assert record["flops/train_total"] == pytest.approx(step * step_flops, rel=1e-6)
     assert math.isfinite(record["train/loss"]) and record["train/loss"] > 0
     assert 0.0 <= record["train/accuracy"] <= 1.0
     assert record["train/examples_per_second"] > 0
@@ -341,8 +345,10 @@ def test_rerunning_a_finished_run_trains_no_more(finished_copy, capsys):
   # Nothing trained: no new train records, one more final evaluation, no new checkpoint.
   new = _records(workdir)[len(records_before):]
   assert _records(workdir)[:len(records_before)] == records_before
-  assert [set(r) for r in new] == [{"step", "eval/loss", "eval/accuracy"}]
+  assert len(new) == 1 and not any(key.startswith("train/") for key in new[0])
   assert new[0]["step"] == STEPS and new[0]["eval/loss"] == first.eval_metrics["loss"]
+  # The FLOPs count picks up where the checkpoint's left it: no step was added.
+  assert new[0]["flops/train_total"] == records_before[-1]["flops/train_total"] > 0
   assert _snapshot(os.path.join(workdir, "checkpoints")) == checkpoints_before
 
 
