@@ -35,7 +35,8 @@ Initializer = Callable[..., Any]
 
 
 def kth_largest(values: jnp.ndarray, k: int) -> jnp.ndarray:
-  """The k-th largest entry of a non-negative array (k counted from 1), exactly.
+  """The k-th largest entry of a non-negative array (k counted from 1), exactly; +inf for
+  k = 0, so that `values >= kth_largest(values, 0)` keeps nothing.
 
   For non-negative floats the order of the values is the order of their bit
   patterns read as integers, so 31 rounds of bisection over the integers find
