@@ -16,8 +16,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.dataset = ml_collections.ConfigDict()
-  # One of: mnist1d, digits, synthetic (embedded, no download).
+  # mnist1d, digits, synthetic (embedded, no download); image_folder (data_dir/
+  # <split>/<class>/<image>, through tfds.ImageFolder); or the name of any tfds
+  # image classification dataset prepared under data_dir, e.g. cifar10 or
+  # imagenet2012 (see README, "Real data"). jaxddp never downloads.
   config.dataset.name = "mnist1d"
+  # tfds and image_folder only. Where the prepared tfds data is ('' = tfds's
+  # default, $TFDS_DATA_DIR or ~/tensorflow_datasets), or the image folder.
+  config.dataset.data_dir = ""
+  # Splits to train and to evaluate on ('' = test if the dataset has one, else
+  # validation). tfds sub-split syntax works, e.g. "train[:90%]".
+  config.dataset.train_split = "train"
+  config.dataset.eval_split = ""
+  # auto, inception (random-resized crop and flip for training; resize to
+  # image_size / 0.875 and central crop for evaluation), cifar (4-pixel padded
+  # random crop and flip; evaluation unchanged) or none. auto: cifar for
+  # cifar10/cifar100, none for other fixed-size images, else inception. Pixels
+  # are then normalised per channel (the dataset's statistics, else ImageNet's).
+  config.dataset.preprocess = "auto"
+  # inception only: side of the square training and evaluation images (0 = 224).
+  config.dataset.image_size = 0
+  # Examples in each process's shuffle buffer (the order within an epoch).
+  config.dataset.shuffle_buffer = 16384
+  # Keep the encoded examples in memory after the first epoch (small datasets).
+  config.dataset.cache = False
   # Training-time augmentation of embedded 1-D signals: random circular shift of
   # up to this many positions (0 disables it).
   config.dataset.max_shift = 0
@@ -56,6 +78,12 @@ def get_config() -> ml_collections.ConfigDict:
   # ResNets: start the scale of the last batch norm of every residual block at 0,
   # so each block starts as the identity (Goyal et al. 2017).
   config.model.zero_init_residual = False
+  # Computation dtype of the convolutions, dense layers and normalisation outputs:
+  # float32 or bfloat16 (mixed precision). Parameters, optimizer state and the
+  # batch-norm running statistics stay float32 either way, and so do the logits and
+  # the loss. bfloat16 is for GPUs/TPUs; on CPU it is usually slower. float16 is
+  # not offered: its narrow range would need loss scaling.
+  config.model.dtype = "float32"
 
   config.optimizer = ml_collections.ConfigDict()
   # One of: sgd, momentum, nesterov, adamw, lars, lamb.

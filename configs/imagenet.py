@@ -4,7 +4,10 @@ LR 0.1 per 256 examples scaled linearly with the global batch (0.4 at the defaul
 1024), 5 epochs of gradual warmup, divided by 10 at epochs 30, 60 and 80; momentum
 0.9, weight decay 1e-4 on weights only, zero-initialised last BN of each block.
 
-Needs the ImageNet tfds dataset (imagenet2012). To try the recipe without it:
+Reads ImageNet (tfds imagenet2012, which needs a manual download; see README,
+"Real data") from --config.dataset.data_dir: random-resized crops and flips of
+224x224 for training, the central 224 of images resized to 256 for evaluation on
+the validation split. To try the recipe without it:
     python -m jaxddp.main --config=configs/imagenet.py --workdir=runs/rn50_synthetic \
         --config.dataset.name=synthetic --config.train.num_steps=3
 (random 32x32 images by default here, to be quick on a CPU; set
@@ -17,6 +20,9 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.dataset.name = "imagenet2012"
+  config.dataset.eval_split = "validation"  # the test split has no labels
+  config.dataset.preprocess = "inception"
+  config.dataset.image_size = 224
   config.dataset.synthetic_shape = (32, 32, 3)
   config.dataset.synthetic_num_classes = 1000
   config.dataset.synthetic_train_size = 4096

@@ -12,10 +12,12 @@ from typing import Any
 
 import ml_collections
 
-DATASETS = ("mnist1d", "digits", "synthetic", "imagenet2012")
+EMBEDDED_DATASETS = ("mnist1d", "digits", "synthetic")  # any other name: image_folder or tfds
+PREPROCESSINGS = ("auto", "inception", "cifar", "none")
 MODELS = ("cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 NORMS = ("batch_norm", "ghost_batch_norm", "none")
 STEMS = ("auto", "imagenet", "small")
+DTYPES = ("float32", "bfloat16")  # model.dtype; float16 would need loss scaling
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "lars", "lamb")
 SCHEDULES = ("cosine", "step", "polynomial", "constant")
 SCALINGS = ("none", "linear", "sqrt")
@@ -55,10 +57,14 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks names and ranges that need no knowledge of devices or data."""
-  _choice(config, "dataset.name", DATASETS)
+  if not isinstance(config.dataset.name, str) or not config.dataset.name:
+    raise ConfigError(f"config.dataset.name={config.dataset.name!r} is not valid; choose one of: "
+                      f"{', '.join(EMBEDDED_DATASETS)}, image_folder, or a tfds dataset name")
+  _choice(config, "dataset.preprocess", PREPROCESSINGS)
   _choice(config, "model.name", MODELS)
   _choice(config, "model.norm", NORMS)
   _choice(config, "model.stem", STEMS)
+  _choice(config, "model.dtype", DTYPES)
   _choice(config, "optimizer.name", OPTIMIZERS)
   _choice(config, "optimizer.schedule", SCHEDULES)
   _choice(config, "optimizer.scaling", SCALINGS)
@@ -71,16 +77,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "distributed.heartbeat_timeout", "optimizer.reference_batch_size",
                 "optimizer.decay_factor", "optimizer.polynomial_power",
                 "optimizer.trust_coefficient", "train.accumulation_steps",
-                "model.ghost_batch_size"):
+                "model.ghost_batch_size", "dataset.shuffle_buffer"):
     _positive(config, field)
   for field in ("train.num_epochs", "train.num_steps", "train.eval_every",
                 "train.eval_batch_size", "optimizer.weight_decay", "optimizer.warmup_epochs",
-                "parallel.cpu_devices", "dataset.max_shift", "distributed.num_processes",
+                "parallel.cpu_devices", "dataset.max_shift", "dataset.image_size", "distributed.num_processes",
                 "distributed.hang_timeout", "optimizer.warmup_steps", "optimizer.grad_clip_norm",
                 "train.label_smoothing"):
     _positive(config, field, allow_zero=True)
   for field in ("train.accumulation_steps", "optimizer.reference_batch_size",
-                "optimizer.warmup_steps", "model.ghost_batch_size"):
+                "optimizer.warmup_steps", "model.ghost_batch_size", "dataset.image_size",
+                "dataset.shuffle_buffer"):
     if not isinstance(_get(config, field), int):
       raise ConfigError(f"config.{field}={_get(config, field)!r} is not valid; it must be an "
                         "integer")

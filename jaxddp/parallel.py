@@ -91,6 +91,10 @@ class ShardMapBackend:
   def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     return self._train_step(state, batch)
 
+  def compiled_train_step(self, state: TrainState, batch: dict) -> jax.stages.Compiled:
+    """The per-device program train_step runs (for XLA's cost and memory analyses)."""
+    return self._train_step.lower(state, batch).compile()
+
   def eval_step(self, state: TrainState, batch: dict) -> dict:
     return self._eval_step(state, batch)
 
@@ -130,6 +134,10 @@ class PmapBackend:
 
   def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     return self._train_step(state, batch)
+
+  def compiled_train_step(self, state: TrainState, batch: dict) -> jax.stages.Compiled:
+    """The per-device program train_step runs (for XLA's cost and memory analyses)."""
+    return self._train_step.lower(state, batch).compile()
 
   def eval_step(self, state: TrainState, batch: dict) -> dict:
     return self._eval_step(state, batch)

@@ -52,13 +52,20 @@ class TrainResult:
 @dataclasses.dataclass
 class Setup:
   """What a run trains with, built from the config alone (no workdir)."""
+  config: ml_collections.ConfigDict
   devices: list[jax.Device]
-  dataset: data.InMemoryDataset
+  dataset: data.Dataset
   recipe: config_lib.Recipe
   backend: parallel.Backend
   sparsity: sparsity.Sparsity  # masks' schedule (method none: dense) and the FLOPs count
   state: TrainState  # freshly initialised, placed on the devices
-  train_batches: data.TrainBatches  # step -> this process's part of that step's batch
+
+  def train_batches(self, start_step: int):
+    """This process's part of the training batch of each step from start_step on."""
+    return self.dataset.train_batches(
+        global_batch_size=self.recipe.effective_batch_size, seed=self.config.seed,
+        start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
@@ -71,8 +78,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   config_lib.validate(config)
   devices = parallel.select_devices(config.parallel.cpu_devices)
   dataset = data.load_dataset(config)
-  recipe = config_lib.resolve(config, num_train_examples=len(dataset.train_x),
-                              num_test_examples=len(dataset.test_x), num_devices=len(devices),
+  recipe = config_lib.resolve(config, num_train_examples=dataset.num_train_examples,
+                              num_test_examples=dataset.num_test_examples, num_devices=len(devices),
                               num_processes=jax.process_count())
   model = models.create_model(config, dataset.num_classes)
   sparse = sparsity.create(config, recipe, model, dataset.input_shape)
@@ -81,11 +88,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   backend = parallel.create_backend(config, devices, schedule, sparse)
   state = sparse.initialize(create_train_state(model, tx, dataset.input_shape, config.seed))
   state = backend.put_state(state)
-  train_batches = data.TrainBatches(
-      dataset.train_x, dataset.train_y, global_batch_size=recipe.effective_batch_size,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      max_shift=config.dataset.max_shift)
-  return Setup(devices, dataset, recipe, backend, sparse, state, train_batches)
+  return Setup(config, devices, dataset, recipe, backend, sparse, state)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
@@ -115,9 +118,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_flops = read_scalar(workdir, "flops/train_total", start_step) or 0.0
 
   # --- 3. Train. ---
-  train_batches = run.train_batches
+  # Batches are copied to the devices two steps ahead; the time the loop waits for
+  # the next one (input pipeline and copy) is logged as train/data_wait_fraction.
+  batches = data.prefetch_to_device(run.train_batches(start_step), backend.put_batch)
   window = SumCounter()
   window_start = time.time()
+  data_wait = 0.0  # seconds in this logging window
   learning_rate = 0.0
   in_flight: collections.deque = collections.deque()  # dispatched, maybe still running
   finished: list = []  # done on the device, metrics not yet read by the host
@@ -158,7 +164,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   try:
     with StopSignal() as stop, watchdog:
       for step in range(start_step, recipe.total_steps):
-        batch = backend.put_batch(train_batches(step))
+        wait_start = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - wait_start
         state, metrics = backend.train_step(state, batch)
         in_flight.append((step, metrics))
         while len(in_flight) >= config.parallel.max_steps_in_flight:
@@ -171,10 +179,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           scalars = {f"train/{k}": v for k, v in window.averages().items()}
           scalars["train/learning_rate"] = learning_rate
           scalars["train/examples_per_second"] = window.count / seconds
+          scalars["train/data_wait_fraction"] = data_wait / seconds
           scalars["flops/train_total"] = train_flops
           writer.write(done, scalars)
           progress.update(done, scalars)
-          window, window_start = SumCounter(), time.time()
+          window, window_start, data_wait = SumCounter(), time.time(), 0.0
         if config.train.eval_every and done % config.train.eval_every == 0 \
             and done < recipe.total_steps:
           metrics = evaluate(backend, state, dataset, recipe)
@@ -204,12 +213,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   return TrainResult(backend.global_state(state), final)
 
 
-def evaluate(backend: parallel.Backend, state: TrainState, dataset: data.InMemoryDataset,
+def evaluate(backend: parallel.Backend, state: TrainState, dataset: data.Dataset,
              recipe: config_lib.Recipe) -> dict[str, float]:
   """Loss and accuracy over every test example exactly once (padded, masked batches)."""
-  batches = data.eval_batches(dataset.test_x, dataset.test_y,
-                              global_batch_size=recipe.eval_global_batch_size,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+  batches = dataset.eval_batches(global_batch_size=recipe.eval_global_batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
   counter = SumCounter()
   for batch in batches:  # one batch at a time: unbounded dispatch can deadlock CPU collectives
     counter.add(parallel.metrics_to_host([backend.eval_step(state, backend.put_batch(batch))])[0])

@@ -294,12 +294,20 @@ def test_imagenet_recipes_resolve_goyal_numbers(name, batch, peak):
 
 
 def test_imagenet_without_the_dataset_fails_cleanly(tmp_path):
-  completed = run_main(["--config=configs/imagenet.py", f"--workdir={tmp_path / 'run'}"])
-  assert completed.returncode == 2
-  assert completed.stderr.strip() == (
-      "jaxddp: error: config.dataset.name='imagenet2012' needs the tfds input pipeline, which "
-      "jaxddp does not have yet; try the recipe on random images with "
-      "--config.dataset.name=synthetic")
+  """No prepared ImageNet under data_dir: one line that says where and how, nothing written."""
+  workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
+  completed = run_main(["--config=configs/imagenet.py", f"--workdir={workdir}",
+                        f"--config.dataset.data_dir={data_dir}"], timeout=120)
+  assert completed.returncode == 2, completed.stderr
+  lines = completed.stderr.strip().splitlines()
+  assert len(lines) == 1, completed.stderr
+  (line,) = lines
+  assert line.startswith("jaxddp: error: config.dataset.name='imagenet2012': no prepared data in "
+                         f"{data_dir}/imagenet2012/"), line
+  for text in ("ILSVRC2012_img_train.tar", "tfds build imagenet2012", "--config.dataset.data_dir"):
+    assert text in line, f"{text!r} not in {line!r}"
+  assert not workdir.exists(), f"{workdir} was created by a run that failed"
+  assert not data_dir.exists(), "tfds wrote to data_dir (jaxddp never downloads)"
 
 
 def test_imagenet_recipe_runs_on_synthetic_images(tmp_path):

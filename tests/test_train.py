@@ -189,11 +189,13 @@ def test_metrics_jsonl_has_train_and_eval_records(finished):
   assert eval_records[-1]["flops/train_step_sparse"] == step_flops
   for step, record in train_records.items():
     assert set(record) == {"step", "train/loss", "train/accuracy", "train/learning_rate",
-                           "train/examples_per_second", "flops/train_total"}, record
+                           "train/examples_per_second", "train/data_wait_fraction",
+                           "flops/train_total"}, record
     assert record["flops/train_total"] == pytest.approx(step * step_flops, rel=1e-6)
     assert math.isfinite(record["train/loss"]) and record["train/loss"] > 0
     assert 0.0 <= record["train/accuracy"] <= 1.0
     assert record["train/examples_per_second"] > 0
+    assert 0.0 <= record["train/data_wait_fraction"] < 1.0
   # eval_every=0: one evaluation, at the end, equal to what train_and_evaluate returned.
   assert len(eval_records) == 1
   (final,) = eval_records

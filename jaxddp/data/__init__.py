@@ -1,30 +1,87 @@
-"""Input pipelines. `load_dataset` maps config.dataset.name to a dataset."""
+"""Input pipelines: `load_dataset` maps config.dataset.name to a Dataset.
+
+Two kinds, one interface (`Dataset`):
+
+* embedded.InMemoryDataset: MNIST-1D, scikit-learn's digits and synthetic data,
+  held as NumPy arrays; no download and no TensorFlow.
+* tfds_pipeline.TfdsDataset: any tfds dataset (CIFAR-10, ImageNet, ...) read from
+  config.dataset.data_dir, or a folder of images (name image_folder), through
+  tf.data. Only this one imports TensorFlow.
+
+A dataset yields this process's part of each global batch, as NumPy arrays:
+{"x": float32 (batch, *input_shape), "y": int32 (batch,)} for training, plus
+"mask" (1 for a real example, 0 for padding) for evaluation.
+"""
 
 from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable, Iterator, Protocol
 
 import ml_collections
 
 from jaxddp.config import ConfigError
 from jaxddp.data import embedded
-from jaxddp.data.batches import TrainBatches, eval_batches
+from jaxddp.data.batches import Batch, TrainBatches, eval_batches
 from jaxddp.data.embedded import InMemoryDataset
 
-__all__ = ["InMemoryDataset", "TrainBatches", "eval_batches", "load_dataset"]
+__all__ = ["Batch", "Dataset", "InMemoryDataset", "TrainBatches", "eval_batches",
+           "load_dataset", "prefetch_to_device"]
 
 
-def load_dataset(config: ml_collections.ConfigDict) -> InMemoryDataset:
+class Dataset(Protocol):
+  name: str
+  num_classes: int
+  input_shape: tuple[int, ...]  # one example, channels last
+  num_train_examples: int  # the whole split, over all processes
+  num_test_examples: int
+
+  def train_batches(self, *, global_batch_size: int, seed: int, start_step: int,
+                    process_index: int, process_count: int) -> Iterator[Batch]:
+    """This process's part of the training batch of every step from start_step on.
+
+    The batches are a function of (seed, step) only: a run resumed at start_step
+    sees exactly the batches an uninterrupted run would have.
+    """
+
+  def eval_batches(self, *, global_batch_size: int, process_index: int,
+                   process_count: int) -> Iterator[Batch]:
+    """Every test example exactly once over all processes, with "mask"; every process
+    yields the same number of batches (the last ones padded with mask 0)."""
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   name = config.dataset.name
   if name == "mnist1d":
-    return embedded.mnist1d()
-  if name == "digits":
-    return embedded.digits()
-  if name == "synthetic":
-    return embedded.synthetic(tuple(config.dataset.synthetic_shape),
-                              config.dataset.synthetic_num_classes,
-                              config.dataset.synthetic_train_size,
-                              config.dataset.synthetic_test_size, seed=config.seed)
-  if name == "imagenet2012":
-    raise ConfigError(
-        "config.dataset.name='imagenet2012' needs the tfds input pipeline, which jaxddp does "
-        "not have yet; try the recipe on random images with --config.dataset.name=synthetic")
-  raise ValueError(f"unknown dataset {name!r}")  # config.validate catches this first
+    dataset = embedded.mnist1d()
+  elif name == "digits":
+    dataset = embedded.digits()
+  elif name == "synthetic":
+    dataset = embedded.synthetic(tuple(config.dataset.synthetic_shape),
+                                 config.dataset.synthetic_num_classes,
+                                 config.dataset.synthetic_train_size,
+                                 config.dataset.synthetic_test_size, seed=config.seed)
+  else:  # a tfds dataset or an image folder
+    try:
+      from jaxddp.data import tfds_pipeline  # imports TensorFlow
+    except ModuleNotFoundError as e:
+      if e.name != "tensorflow":
+        raise
+      raise ConfigError(f"config.dataset.name={name!r} is read by tfds through TensorFlow, "
+                        "which is not installed: pip install -e '.[tfds]'") from None
+    return tfds_pipeline.load(config)
+  return dataclasses.replace(dataset, max_shift=config.dataset.max_shift)
+
+
+def prefetch_to_device(batches: Iterator[Batch], put: Callable[[Batch], dict],
+                       size: int = 2) -> Iterator[dict]:
+  """Yields put(batch) for each batch, keeping `size` batches already placed on the
+  devices: the copy of the next batches overlaps the current step."""
+  queue: collections.deque = collections.deque()
+  for batch in batches:
+    queue.append(put(batch))  # asynchronous: returns before the copy is done
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

@@ -5,22 +5,54 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from typing import Iterator
+
 import numpy as np
+
+from jaxddp.data.batches import Batch, TrainBatches, eval_batches
 
 
 @dataclasses.dataclass(frozen=True)
 class InMemoryDataset:
-  """Train and test splits held as NumPy arrays, inputs channels-last float32."""
+  """Train and test splits held as NumPy arrays, inputs channels-last float32.
+
+  The global batch of a step is drawn first, then split over processes, so the
+  numbers do not depend on the process count (jaxddp.data.batches).
+  """
   name: str
   train_x: np.ndarray
   train_y: np.ndarray
   test_x: np.ndarray
   test_y: np.ndarray
   num_classes: int
+  max_shift: int = 0  # training augmentation of 1-D signals (config.dataset.max_shift)
 
   @property
   def input_shape(self) -> tuple[int, ...]:
     return tuple(self.train_x.shape[1:])
+
+  @property
+  def num_train_examples(self) -> int:
+    return len(self.train_x)
+
+  @property
+  def num_test_examples(self) -> int:
+    return len(self.test_x)
+
+  def train_batches(self, *, global_batch_size: int, seed: int, start_step: int,
+                    process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+    batches = TrainBatches(self.train_x, self.train_y, global_batch_size=global_batch_size,
+                           seed=seed, process_index=process_index, process_count=process_count,
+                           max_shift=self.max_shift)
+    step = start_step
+    while True:
+      yield batches(step)
+      step += 1
+
+  def eval_batches(self, *, global_batch_size: int, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[Batch]:
+    return eval_batches(self.test_x, self.test_y, global_batch_size=global_batch_size,
+                        process_index=process_index, process_count=process_count)
 
 
 @functools.cache  # generation takes seconds; the arrays are never modified

@@ -16,6 +16,8 @@ class Layers:
 
   The first layer (its input is the data) and the last (the classifier) have
   their own entries, so that sparse training can keep them dense.
+  jaxddp.models.layers(config) binds the computation dtype (config.model.dtype)
+  into each; the defaults here compute in the promoted input/parameter dtype.
   """
   first: ModuleDef = nn.Conv  # the model's first convolution
   conv: ModuleDef = nn.Conv  # every other convolution

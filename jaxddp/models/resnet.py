@@ -68,10 +68,15 @@ class ResNet(nn.Module):
   stem: str = "auto"  # imagenet | small | auto
   zero_init_residual: bool = False
   layers: Layers = Layers()
+  # Computation dtype (`layers` and `norm` must compute in it too; see
+  # jaxddp.models.create_model): the input is cast to it, the global average pooling
+  # sums in float32, and the logits are float32 whatever it is.
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     d = x.ndim - 2
+    x = x.astype(self.dtype)
     stem = self.stem
     if stem == "auto":
       stem = "imagenet" if min(x.shape[1:-1]) >= 64 else "small"
@@ -87,5 +92,5 @@ class ResNet(nn.Module):
         strides = 2 if stage > 0 and index == 0 else 1
         x = self.block(self.width * 2**stage, strides, self.norm, self.zero_init_residual,
                        self.layers)(x, train)
-    x = x.mean(axis=tuple(range(1, 1 + d)))
-    return self.layers.last(self.num_classes)(x)
+    x = jnp.mean(x, axis=tuple(range(1, 1 + d)), dtype=jnp.float32)
+    return self.layers.last(self.num_classes)(x).astype(jnp.float32)

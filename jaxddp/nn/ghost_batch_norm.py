@@ -45,8 +45,10 @@ class GhostBatchNorm(nn.Module):
   batch norm. A local batch that is not a multiple of it is an error.
 
   Evaluation (use_running_average=True) normalises with the running statistics.
-  Statistics are computed in float32 (at least); the result has `dtype`, or the
-  promotion of the input and parameter dtypes.
+  Statistics and the normalisation are computed in float32 (at least); the result
+  has `dtype`, or (dtype=None, as in flax) the promotion of the input and parameter
+  dtypes. The running statistics are float32 and scale/bias `param_dtype` whatever
+  `dtype` is, so dtype=bfloat16 is mixed precision.
   """
   ghost_batch_size: int
   use_running_average: bool | None = None

@@ -20,6 +20,12 @@ In the backward pass:
 
 Only the sparsified input is saved for the backward pass (with the kernel and
 mask, which are kept anyway), not the dense input.
+
+Mixed precision: `dtype` (None: promote the input and parameter dtypes, as flax
+does) is the computation dtype. The input, kernel and mask are cast to it and
+`kernel * mask` and the product are computed in it, SWAT's backward pass included;
+the parameters stay `param_dtype` (float32), so their gradients come back float32.
+The top-K of SWAT ranks magnitudes in float32 (exact for bfloat16 inputs).
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ Initializer = Callable[..., Any]
 
 def kth_largest(values: jnp.ndarray, k: int) -> jnp.ndarray:
   """The k-th largest entry of a non-negative array (k counted from 1), exactly; +inf for
-  k = 0, so that `values >= kth_largest(values, 0)` keeps nothing.
+  k = 0, so that `values >= kth_largest(values, 0)` keeps nothing. The result is float32:
+  narrower floats (bfloat16, float16) are upcast first, which is exact.
 
   For non-negative floats the order of the values is the order of their bit
   patterns read as integers, so 31 rounds of bisection over the integers find
@@ -66,7 +73,10 @@ def keep_count(size: int, sparsity: float) -> int:
 
 
 def keep_largest(x: jnp.ndarray, sparsity: float) -> jnp.ndarray:
-  """`x` with all but its round((1 - sparsity) * x.size) largest-magnitude entries zeroed."""
+  """`x` with all but its round((1 - sparsity) * x.size) largest-magnitude entries zeroed.
+
+  Any float dtype: the ranking is in float32 (kth_largest), the result has x's dtype.
+  """
   keep = keep_count(x.size, sparsity)
   if keep >= x.size:
     return x
@@ -126,7 +136,8 @@ class _MaskedLayer(nn.Module):
 
 
 class MaskedDense(_MaskedLayer):
-  """flax.linen.Dense computing with `kernel * mask` (and SWAT if activation_sparsity > 0)."""
+  """flax.linen.Dense computing with `kernel * mask` (and SWAT if activation_sparsity > 0),
+  in `dtype` (None: promoted from the input and parameters) with `param_dtype` parameters."""
   features: int
   use_bias: bool = True
   activation_sparsity: float = 0.0
@@ -147,7 +158,8 @@ class MaskedConv(_MaskedLayer):
 
   The kernel has shape (*kernel_size, in_features, features), as in flax. padding
   is "SAME", "VALID", an int (the same on both sides of every spatial axis) or a
-  sequence of (low, high) pairs.
+  sequence of (low, high) pairs. It computes in `dtype` (None: promoted from the input
+  and parameters) with `param_dtype` parameters.
   """
   features: int
   kernel_size: Sequence[int]
