@@ -11,8 +11,8 @@ Both map the per-device steps of jaxddp.steps over the devices on the axis
 
 A backend converts between the global view (a TrainState of arrays replicated
 on every training device of every process: what checkpoints hold) and its device
-view: put_state / global_state, put_batch (from this process's slice of the
-batch), and runs train_step / eval_step on the device view.
+view: put_state / global_state, put_batch / put_batches (from this process's slice
+of the batch), and runs train_step / eval_step on the device view.
 """
 
 from __future__ import annotations
@@ -86,7 +86,13 @@ class ShardMapBackend:
     return state
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(self._split, v) for k, v in batch.items()}
+    return self.put_batches([batch])[0]
+
+  def put_batches(self, batches: list[dict[str, np.ndarray]]) -> list[dict[str, jax.Array]]:
+    if jax.process_count() == 1:  # one transfer for all of them
+      return jax.device_put(batches, self._split)
+    return [{k: jax.make_array_from_process_local_data(self._split, v) for k, v in b.items()}
+            for b in batches]
 
   def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     return self._train_step(state, batch)
@@ -128,9 +134,13 @@ class PmapBackend:
     return jax.tree.map(replicated, state)
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return self.put_batches([batch])[0]
+
+  def put_batches(self, batches: list[dict[str, np.ndarray]]) -> list[dict[str, jax.Array]]:
     n = len(self.local_devices)
     per_device = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])
-    return jax.device_put({k: per_device(v) for k, v in batch.items()}, self._split)
+    return jax.device_put([{k: per_device(v) for k, v in b.items()} for b in batches],
+                          self._split)
 
   def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     return self._train_step(state, batch)

@@ -118,9 +118,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_flops = read_scalar(workdir, "flops/train_total", start_step) or 0.0
 
   # --- 3. Train. ---
-  # Batches are copied to the devices two steps ahead; the time the loop waits for
-  # the next one (input pipeline and copy) is logged as train/data_wait_fraction.
-  batches = data.prefetch_to_device(run.train_batches(start_step), backend.put_batch)
+  # The time the loop waits for the next batch (on the devices) is logged as
+  # train/data_wait_fraction.
+  batches = data.prefetch_to_device(run.train_batches(start_step), backend.put_batches)
   window = SumCounter()
   window_start = time.time()
   data_wait = 0.0  # seconds in this logging window

@@ -28,7 +28,8 @@ For each variant (each value of --compare, or the config alone) it reports:
 * the real training loop: `jaxddp.train.train_and_evaluate` for --loop_steps steps in a
   temporary workdir; its images/s and the fraction of its time spent waiting for the
   next batch (train/data_wait_fraction), both from its last logging window (the first
-  one also pays for compilation).
+  one also pays for compilation). Its images/s are compared with bare steps timed just
+  before and just after it.
 
 The timed steps of all variants and bare steps alternate in --rounds rounds, so that a
 machine that speeds up or slows down during the run affects them alike. --json=PATH
@@ -145,19 +146,20 @@ class StepTimer:
     self.run = run
     self.state = run.state
     self.batch = run.backend.put_batch(next(run.train_batches(0)))
-    self.seconds: list[float] = []
     self._jax = jax
 
   def step(self) -> None:
     self.state, metrics = self.run.backend.train_step(self.state, self.batch)
     self._jax.block_until_ready((self.state, metrics))
 
-  def timed(self, steps: int, record: bool) -> None:
+  def timed(self, steps: int) -> list[float]:
+    """Runs `steps` steps; the seconds each took."""
+    seconds = []
     for _ in range(steps):
       start = time.perf_counter()
       self.step()
-      if record:
-        self.seconds.append(time.perf_counter() - start)
+      seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 class BareStep(StepTimer):
@@ -205,7 +207,6 @@ class BareStep(StepTimer):
       return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
     self._train_step = jax.jit(train_step, donate_argnums=0)
-    self.seconds = []
     self._jax = jax
 
   def step(self) -> None:
@@ -260,7 +261,7 @@ def benchmark(config, field: str | None, values: list, *, steps: int, rounds: in
     start = time.perf_counter()
     run = train.setup(variant)  # exactly what jaxddp.main trains with
     timer = StepTimer(run)
-    timer.timed(warmup, record=False)
+    timer.timed(warmup)
     result = {"variant": value, "model": variant.model.name, "dtype": variant.model.dtype,
               "batch_size": run.recipe.effective_batch_size,
               "per_device_batch_size": run.recipe.per_device_batch_size,
@@ -277,24 +278,25 @@ def benchmark(config, field: str | None, values: list, *, steps: int, rounds: in
     pair = [timer]
     if bare:
       bare_timer = BareStep(variant, run)
-      bare_timer.timed(warmup, record=False)
+      bare_timer.timed(warmup)
       pair.append(bare_timer)
     print(f"{field or 'config'}={value}: compiled and warmed up in "
           f"{time.perf_counter() - start:.1f}s", flush=True)
     results.append(result)
     timers.append(pair)
   per_round = max(1, steps // rounds)
+  seconds = [[[] for _ in pair] for pair in timers]
   for _ in range(rounds):
-    for pair in timers:
-      for timer in pair:
-        timer.timed(per_round, record=True)
+    for pair, times in zip(timers, seconds):
+      for timer, timer_times in zip(pair, times):
+        timer_times.extend(timer.timed(per_round))
 
-  for (value, variant), result, pair in zip(variants, results, timers):
-    median = statistics.median(pair[0].seconds)
-    result.update(median_step_seconds=median, timed_steps=len(pair[0].seconds),
+  for (value, variant), result, pair, times in zip(variants, results, timers, seconds):
+    median = statistics.median(times[0])
+    result.update(median_step_seconds=median, timed_steps=len(times[0]),
                   examples_per_second=result["batch_size"] / median)
     if bare:
-      bare_median = statistics.median(pair[1].seconds)
+      bare_median = statistics.median(times[1])
       result.update(bare_median_step_seconds=bare_median,
                     bare_examples_per_second=result["batch_size"] / bare_median,
                     throughput_vs_bare=bare_median / median)
@@ -307,10 +309,15 @@ def benchmark(config, field: str | None, values: list, *, steps: int, rounds: in
     if pipeline_batches:
       result["pipeline_images_per_second"] = pipeline_images_per_second(run, pipeline_batches)
     if loop_steps:
+      # This machine's speed drifts over minutes (10% was seen on a 2-core VM), so the
+      # loop is compared with bare steps timed just before and just after it.
+      adjacent = pair[1].timed(max(2, per_round // 2)) if bare else []
       result.update(real_loop(variant, loop_steps))
       if bare:
-        result["loop_vs_bare"] = result["loop_images_per_second"] / \
-            result["bare_examples_per_second"]
+        adjacent += pair[1].timed(max(2, per_round // 2))
+        result["loop_adjacent_bare_step_seconds"] = statistics.median(adjacent)
+        result["loop_vs_bare"] = result["loop_images_per_second"] * \
+            result["loop_adjacent_bare_step_seconds"] / result["batch_size"]
   for result in results:
     result["ratio_to_first"] = result["median_step_seconds"] / results[0]["median_step_seconds"]
   return results

@@ -210,3 +210,41 @@ def test_eval_metrics_are_exact_per_example_averages(eval_setup, backend_name):
   assert averages["accuracy"] == pytest.approx(reference["accuracy"], rel=1e-5)
   # Had the padded rows counted, the loss would be off by far more than the tolerance.
   assert NUM_EVAL % recipe.eval_global_batch_size != 0
+
+
+# --- Copies to the devices: in order, several small batches per transfer. ---
+
+def test_prefetch_to_device_keeps_order_and_groups_small_batches():
+  batches = [{"x": np.full((4, 2), i, np.float32), "y": np.full((4,), i, np.int32)}
+             for i in range(20)]  # 48 bytes each
+  transfers = []
+
+  def put_many(chunk):
+    transfers.append([int(b["y"][0]) for b in chunk])
+    return [{k: v + 100 for k, v in b.items()} for b in chunk]
+
+  out = list(data.prefetch_to_device(iter(batches), put_many, max_batches=8))
+  assert [int(b["y"][0]) for b in out] == [i + 100 for i in range(20)]
+  assert transfers == [list(range(0, 8)), list(range(8, 16)), list(range(16, 20))]
+
+  transfers.clear()  # a byte budget of two batches: two per transfer
+  out = list(data.prefetch_to_device(iter(batches), put_many, max_batches=8, max_bytes=96))
+  assert transfers == [[i, i + 1] for i in range(0, 20, 2)]
+  np.testing.assert_array_equal(np.stack([b["x"] for b in out]),
+                                np.stack([b["x"] + 100 for b in batches]))
+
+
+def test_prefetch_to_device_reads_only_what_it_yields_and_a_chunk_ahead():
+  """An endless stream: taking 3 batches reads at most one transfer's worth."""
+  read = []
+
+  def endless():
+    i = 0
+    while True:
+      read.append(i)
+      yield {"y": np.array([i])}
+      i += 1
+
+  stream = data.prefetch_to_device(endless(), lambda chunk: chunk, max_batches=4)
+  assert [int(next(stream)["y"][0]) for _ in range(3)] == [0, 1, 2]
+  assert read == [0, 1, 2, 3]
