@@ -28,8 +28,8 @@ For each variant (each value of --compare, or the config alone) it reports:
 * the real training loop: `jaxddp.train.train_and_evaluate` for --loop_steps steps in a
   temporary workdir; its images/s and the fraction of its time spent waiting for the
   next batch (train/data_wait_fraction), both from its last logging window (the first
-  one also pays for compilation). Its images/s are compared with bare steps timed just
-  before and just after it.
+  one also pays for compilation). It runs after the timed rounds, not between them:
+  on a machine whose speed drifts, its ratio to the bare step is the less exact one.
 
 The timed steps of all variants and bare steps alternate in --rounds rounds, so that a
 machine that speeds up or slows down during the run affects them alike. --json=PATH
@@ -309,15 +309,10 @@ def benchmark(config, field: str | None, values: list, *, steps: int, rounds: in
     if pipeline_batches:
       result["pipeline_images_per_second"] = pipeline_images_per_second(run, pipeline_batches)
     if loop_steps:
-      # This machine's speed drifts over minutes (10% was seen on a 2-core VM), so the
-      # loop is compared with bare steps timed just before and just after it.
-      adjacent = pair[1].timed(max(2, per_round // 2)) if bare else []
       result.update(real_loop(variant, loop_steps))
       if bare:
-        adjacent += pair[1].timed(max(2, per_round // 2))
-        result["loop_adjacent_bare_step_seconds"] = statistics.median(adjacent)
-        result["loop_vs_bare"] = result["loop_images_per_second"] * \
-            result["loop_adjacent_bare_step_seconds"] / result["batch_size"]
+        result["loop_vs_bare"] = result["loop_images_per_second"] / \
+            result["bare_examples_per_second"]
   for result in results:
     result["ratio_to_first"] = result["median_step_seconds"] / results[0]["median_step_seconds"]
   return results
