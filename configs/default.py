@@ -24,8 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   # tfds and image_folder only. Where the prepared tfds data is ('' = tfds's
   # default, $TFDS_DATA_DIR or ~/tensorflow_datasets), or the image folder.
   config.dataset.data_dir = ""
-  # Splits to train and to evaluate on ('' = test if the dataset has one, else
-  # validation). tfds sub-split syntax works, e.g. "train[:90%]".
+  # Splits to train and to evaluate on ('' = validation for imagenet2012, whose test
+  # split has no labels; else test if the dataset has one, else validation). tfds
+  # sub-split syntax works, e.g. "train[:90%]".
   config.dataset.train_split = "train"
   config.dataset.eval_split = ""
   # auto, inception (random-resized crop and flip for training; resize to
@@ -81,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Computation dtype of the convolutions, dense layers and normalisation outputs:
   # float32 or bfloat16 (mixed precision). Parameters, optimizer state and the
   # batch-norm running statistics stay float32 either way, and so do the logits and
-  # the loss. bfloat16 is for GPUs/TPUs; on CPU it is usually slower. float16 is
+  # the loss. bfloat16 is for GPUs/TPUs; on a CPU it is no faster. float16 is
   # not offered: its narrow range would need loss scaling.
   config.model.dtype = "float32"
 
