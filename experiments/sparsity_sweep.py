@@ -69,9 +69,9 @@ def method_config(base, method: str, weight_sparsity: float, total_steps: int,
 def _total_steps(base) -> int:
   from jaxddp import config as config_lib
   from jaxddp import data
-  dataset = data.load_dataset(base)
-  recipe = config_lib.resolve(base, num_train_examples=len(dataset.train_x),
-                              num_test_examples=len(dataset.test_x), num_devices=1)
+  dataset = data.load_dataset(base)  # any Dataset: in memory, tfds, an import path
+  recipe = config_lib.resolve(base, num_train_examples=dataset.num_train_examples,
+                              num_test_examples=dataset.num_test_examples, num_devices=1)
   return recipe.total_steps
 
 

@@ -1,1 +1,42 @@
-"""jaxddp: data-parallel training of vision models in JAX/Flax."""
+"""jaxddp: data-parallel training of vision models in JAX/Flax.
+
+    import jaxddp
+
+    config = jaxddp.get_config()  # every field, with its default (jaxddp/default_config.py)
+    data = jaxddp.data.ArrayDataset(train_x, train_y, test_x, test_y)
+    result = jaxddp.train_and_evaluate(config, "runs/mine", model=MyModel(num_classes=10),
+                                       dataset=data)
+
+`jaxddp.models.register` and `jaxddp.data.register` add a model or dataset by name;
+`jaxddp.nn` holds layers for any Flax model (GhostBatchNorm, MaskedDense, MaskedConv).
+The modules load on first use, so `python -m jaxddp.main --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["data", "get_config", "models", "nn", "train_and_evaluate"]
+
+_SUBMODULES = ("checkpoint", "config", "data", "distributed", "losses", "metrics", "models",
+               "nn", "optim", "parallel", "sparsity", "state", "steps", "train")
+
+
+def get_config():
+  """The default config (jaxddp/default_config.py): an ml_collections.ConfigDict."""
+  from jaxddp.default_config import get_config as default
+  return default()
+
+
+def train_and_evaluate(config, workdir: str, *, model=None, dataset=None, loss_fn=None):
+  """Trains data-parallel on every selected device, then evaluates on the test split
+  (see jaxddp.train.train_and_evaluate)."""
+  from jaxddp import train
+  return train.train_and_evaluate(config, workdir, model=model, dataset=dataset, loss_fn=loss_fn)
+
+
+def __getattr__(name: str) -> Any:
+  if name in _SUBMODULES:
+    return importlib.import_module(f"jaxddp.{name}")
+  raise AttributeError(f"module 'jaxddp' has no attribute {name!r}")

@@ -1,31 +1,61 @@
-"""Checkpoints in workdir/checkpoints (orbax), automatic resume, and stop-on-signal.
+"""Checkpoints in workdir/checkpoints (orbax), automatic resume, initialisation from
+another run, and stop-on-signal.
 
-A checkpoint holds the whole TrainState (step, params, batch_stats, masks, opt_state).
-The data order is a pure function of (seed, step), so restoring the state is
-all it takes to continue exactly where a run stopped.
+A checkpoint holds the whole TrainState (step, params, batch_stats, masks, opt_state,
+rng, train_flops). The data order is a pure function of (seed, step), so restoring
+the state is all it takes to continue exactly where a run stopped.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 from jaxddp.config import ConfigError
 from jaxddp.state import TrainState, checkpoint_items, with_checkpoint_items
 
 
-def _shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
-  """{"Conv_0/kernel": shape, ...} for a nested dict of arrays or array metadata."""
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{"stage1_conv1/kernel": leaf, ...} for a nested dict of arrays or array metadata."""
   if isinstance(tree, dict):
     out = {}
     for key, value in tree.items():
-      out.update(_shapes(value, f"{prefix}{key}/"))
+      out.update(_leaves(value, f"{prefix}{key}/"))
     return out
-  return {prefix.rstrip("/"): tuple(tree.shape)}
+  return {prefix.rstrip("/"): tree}
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {path: tuple(leaf.shape) for path, leaf in _leaves(tree).items()}
+
+
+def _unflatten(leaves: dict[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, leaf in leaves.items():
+    *parents, name = path.split("/")
+    node = tree
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[name] = leaf
+  return tree
+
+
+def _open(directory: str) -> ocp.CheckpointManager:
+  """A manager of an existing checkpoint directory (reopened: it needs the item handler)."""
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                               item_handlers=ocp.StandardCheckpointHandler())
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether workdir/checkpoints holds a finished checkpoint (checked without writing)."""
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def _first_difference(saved: dict, wanted: dict) -> str | None:
@@ -61,6 +91,10 @@ class Checkpointer:
     if step is None:
       return state
     saved = self.manager.item_metadata(step).tree
+    if "rng" not in saved:
+      raise ConfigError(f"the checkpoint in {self.directory} was written by an older jaxddp (it "
+                        "has no rng or train_flops); use a new --workdir, or start from its "
+                        "weights with config.init_from.workdir")
     for part in ("params", "batch_stats", "masks"):
       problem = _first_difference(_shapes(saved.get(part, {})), _shapes(getattr(state, part)))
       if problem:
@@ -86,6 +120,82 @@ class Checkpointer:
     """Waits for the background writes to finish."""
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class InitSource:
+  """Another run's checkpoint to start a new run from (config.init_from): its params,
+  batch statistics and masks; the optimizer state, step and rng stay the new run's.
+
+  Layers are matched by path. Paths matching config.init_from.skip keep their initial
+  values. Every other parameter and batch statistic must be in the checkpoint with the
+  same shape, and the checkpoint may hold none this model lacks: the first path that
+  differs is a one-line ConfigError, found from metadata before anything is read or
+  written. Masks are taken where both sides have them, so a dense checkpoint starts
+  a masked run (its masks start as ones) and a masked one a dense run.
+  """
+
+  PARTS = ("params", "batch_stats", "masks")
+
+  def __init__(self, options: ml_collections.ConfigDict, state: TrainState):
+    self.workdir = options.workdir
+    self.skip = re.compile(options.skip) if options.skip else None
+    field = f"config.init_from.workdir={options.workdir!r}"
+    if not has_checkpoint(options.workdir):
+      raise ConfigError(f"{field} has no checkpoint (no finished checkpoint in "
+                        f"{os.path.join(options.workdir, 'checkpoints')})")
+    self.manager = _open(os.path.abspath(os.path.join(options.workdir, "checkpoints")))
+    steps = sorted(self.manager.all_steps())
+    self.step = options.step or steps[-1]
+    if self.step not in steps:
+      raise ConfigError(f"config.init_from.step={options.step} is not a checkpoint of "
+                        f"{options.workdir}; it has steps {', '.join(map(str, steps))}")
+    self.metadata = self.manager.item_metadata(self.step).tree
+    for part in self.PARTS:
+      problem = self._first_difference(part, getattr(state, part))
+      if problem:
+        raise ConfigError(f"config.init_from: {problem}")
+
+  def describe(self) -> str:
+    return f"{self.workdir} at step {self.step}"
+
+  def _skipped(self, path: str) -> bool:
+    return bool(self.skip and self.skip.search(path))
+
+  def _first_difference(self, part: str, wanted: Any) -> str | None:
+    saved = {p: s for p, s in _shapes(self.metadata.get(part, {})).items() if not self._skipped(p)}
+    wanted = {p: s for p, s in _shapes(wanted).items() if not self._skipped(p)}
+    for path in sorted(set(saved) | set(wanted)):
+      if part == "masks":
+        if path in saved and path in wanted and saved[path] != wanted[path]:
+          return (f"masks/{path} has shape {saved[path]} in the checkpoint of {self.workdir} "
+                  f"but {wanted[path]} here")
+      elif path not in saved:
+        return (f"{part}/{path} is not in the checkpoint of {self.workdir} (a different model?"
+                " to keep its initial value, match it with config.init_from.skip)")
+      elif path not in wanted:
+        return (f"the checkpoint of {self.workdir} has {part}/{path}, which this model does not "
+                "(a different model? to ignore it, match it with config.init_from.skip)")
+      elif saved[path] != wanted[path]:
+        return (f"{part}/{path} has shape {saved[path]} in the checkpoint of {self.workdir} but "
+                f"{wanted[path]} here (to keep its initial value instead: "
+                f"config.init_from.skip={path.rsplit('/', 1)[0]!r})")
+    return None
+
+  def load(self, state: TrainState) -> TrainState:
+    """`state` (global view) with the checkpoint's params, batch statistics and masks."""
+    sharding = jax.tree.leaves(state.params)[0].sharding  # replicated on every device
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          self.metadata)
+    items = self.manager.restore(self.step, args=ocp.args.StandardRestore(target))
+    self.manager.close()
+
+    def merged(part: str) -> Any:
+      loaded = _leaves(items.get(part, {}))
+      fresh = _leaves(getattr(state, part))
+      return _unflatten({path: loaded[path] if path in loaded and not self._skipped(path)
+                         else value for path, value in fresh.items()})
+
+    return state.replace(**{part: merged(part) for part in self.PARTS})
 
 
 class StopSignal:

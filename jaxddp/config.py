@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import ml_collections
 
-EMBEDDED_DATASETS = ("mnist1d", "digits", "synthetic")  # any other name: image_folder or tfds
+# Choices that are not registries (models, datasets, norms, optimizers, schedules,
+# losses and sparsity methods are: see validate).
 PREPROCESSINGS = ("auto", "inception", "cifar", "none")
-MODELS = ("cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-NORMS = ("batch_norm", "ghost_batch_norm", "none")
 STEMS = ("auto", "imagenet", "small")
 DTYPES = ("float32", "bfloat16")  # model.dtype; float16 would need loss scaling
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw", "lars", "lamb")
-SCHEDULES = ("cosine", "step", "polynomial", "constant")
 SCALINGS = ("none", "linear", "sqrt")
 EPOCHS_SCALINGS = ("none", "linear")
-BACKENDS = ("shard_map", "pmap")
 CLUSTERS = ("auto", "none", "slurm", "ompi", "k8s")
-SPARSITY_METHODS = ("none", "magnitude", "gradual_magnitude", "random", "swat")
 SPARSITY_DISTRIBUTIONS = ("uniform", "erk")
 SPARSITY_SCOPES = ("layerwise", "global")
 
@@ -33,19 +29,38 @@ class ConfigError(ValueError):
   """A user error in the config or the command line; reported as one line."""
 
 
-def _choice(config: ml_collections.ConfigDict, field: str, valid: tuple[str, ...]) -> None:
+def _choice(config: ml_collections.ConfigDict, field: str, valid) -> None:
   value = _get(config, field)
   if value not in valid:
     raise ConfigError(f"config.{field}={value!r} is not valid; choose one of: {', '.join(valid)}")
 
 
+def _registered(config: ml_collections.ConfigDict, field: str, registry,
+                import_paths: bool = False) -> None:
+  """The name is in `registry` (or, where allowed, has the form package.module:attribute,
+  which is imported later, once the devices are set: the module may use JAX)."""
+  from jaxddp.registry import is_import_path
+  value = _get(config, field)
+  if import_paths and is_import_path(value):
+    return
+  if not isinstance(value, str) or value not in registry:
+    raise registry.unknown(value, ", or an import path package.module:attribute"
+                           if import_paths else "")
+
+
 def _positive(config: ml_collections.ConfigDict, field: str, allow_zero: bool = False) -> None:
   value = _get(config, field)
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-      value >= 0 if allow_zero else value > 0)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+      value) and (value >= 0 if allow_zero else value > 0)
   if not ok:
-    wanted = "a number >= 0" if allow_zero else "a number > 0"
+    wanted = "a finite number >= 0" if allow_zero else "a finite number > 0"
     raise ConfigError(f"config.{field}={value!r} is not valid; it must be {wanted}")
+
+
+def _fraction(config: ml_collections.ConfigDict, field: str) -> None:
+  value = _get(config, field)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    raise ConfigError(f"config.{field}={value!r} is not valid; it must be a fraction in [0, 1)")
 
 
 def _get(config: ml_collections.ConfigDict, field: str) -> Any:
@@ -55,39 +70,56 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
   return value
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks names and ranges that need no knowledge of devices or data."""
-  if not isinstance(config.dataset.name, str) or not config.dataset.name:
-    raise ConfigError(f"config.dataset.name={config.dataset.name!r} is not valid; choose one of: "
-                      f"{', '.join(EMBEDDED_DATASETS)}, image_folder, or a tfds dataset name")
+def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
+             dataset_given: bool = False, loss_given: bool = False) -> None:
+  """Checks names and ranges that need no knowledge of devices or data.
+
+  The names of a model, dataset or loss passed to train_and_evaluate as objects
+  (`*_given`) are not checked: the objects are used instead.
+  """
+  # The registries are filled by their modules, which import this one.
+  from jaxddp import data, losses, models, optim, parallel, sparsity
+  seed = config.seed
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    raise ConfigError(f"config.seed={seed!r} is not valid; it must be an integer in "
+                      "[0, 2**32)")
+  if not dataset_given:
+    if not isinstance(config.dataset.name, str) or not config.dataset.name:
+      raise data.DATASETS.unknown(config.dataset.name,
+                                  ", a tfds dataset name, or an import path package.module:factory")
+  if not model_given:
+    _registered(config, "model.name", models.MODELS, import_paths=True)
+  if not loss_given:
+    _registered(config, "train.loss", losses.LOSSES, import_paths=True)
+  _registered(config, "model.norm", models.NORMS)
+  _registered(config, "optimizer.name", optim.OPTIMIZERS)
+  _registered(config, "optimizer.schedule", optim.SCHEDULES)
+  _registered(config, "sparsity.method", sparsity.METHODS)
   _choice(config, "dataset.preprocess", PREPROCESSINGS)
-  _choice(config, "model.name", MODELS)
-  _choice(config, "model.norm", NORMS)
   _choice(config, "model.stem", STEMS)
   _choice(config, "model.dtype", DTYPES)
-  _choice(config, "optimizer.name", OPTIMIZERS)
-  _choice(config, "optimizer.schedule", SCHEDULES)
   _choice(config, "optimizer.scaling", SCALINGS)
   _choice(config, "train.epochs_scaling", EPOCHS_SCALINGS)
-  _choice(config, "parallel.backend", BACKENDS)
+  _choice(config, "parallel.backend", parallel.BACKENDS)
   _choice(config, "distributed.cluster", CLUSTERS)
+  _fraction(config, "model.dropout")
   for field in ("train.batch_size", "train.log_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "model.width", "optimizer.learning_rate",
                 "parallel.max_steps_in_flight", "distributed.initialization_timeout",
                 "distributed.heartbeat_timeout", "optimizer.reference_batch_size",
                 "optimizer.decay_factor", "optimizer.polynomial_power",
                 "optimizer.trust_coefficient", "train.accumulation_steps",
-                "model.ghost_batch_size", "dataset.shuffle_buffer"):
+                "model.ghost_batch_size", "dataset.shuffle_buffer", "model.patch_size"):
     _positive(config, field)
   for field in ("train.num_epochs", "train.num_steps", "train.eval_every",
                 "train.eval_batch_size", "optimizer.weight_decay", "optimizer.warmup_epochs",
                 "parallel.cpu_devices", "dataset.max_shift", "dataset.image_size", "distributed.num_processes",
                 "distributed.hang_timeout", "optimizer.warmup_steps", "optimizer.grad_clip_norm",
-                "train.label_smoothing"):
+                "train.label_smoothing", "model.depth", "init_from.step"):
     _positive(config, field, allow_zero=True)
   for field in ("train.accumulation_steps", "optimizer.reference_batch_size",
                 "optimizer.warmup_steps", "model.ghost_batch_size", "dataset.image_size",
-                "dataset.shuffle_buffer"):
+                "dataset.shuffle_buffer", "model.patch_size", "model.depth", "init_from.step"):
     if not isinstance(_get(config, field), int):
       raise ConfigError(f"config.{field}={_get(config, field)!r} is not valid; it must be an "
                         "integer")
@@ -113,19 +145,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("dataset.synthetic_num_classes", "dataset.synthetic_train_size",
                   "dataset.synthetic_test_size"):
       _positive(config, field)
+  try:
+    re.compile(config.init_from.skip)
+  except (re.error, TypeError) as error:
+    raise ConfigError(f"config.init_from.skip={config.init_from.skip!r} is not a regular "
+                      f"expression: {error}") from None
   _validate_sparsity(config)
 
 
 def _validate_sparsity(config: ml_collections.ConfigDict) -> None:
   sp = config.sparsity
-  _choice(config, "sparsity.method", SPARSITY_METHODS)
   _choice(config, "sparsity.distribution", SPARSITY_DISTRIBUTIONS)
   _choice(config, "sparsity.scope", SPARSITY_SCOPES)
   for field in ("weight_sparsity", "activation_sparsity"):
-    value = sp[field]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-      raise ConfigError(f"config.sparsity.{field}={value!r} is not valid; it must be a "
-                        "fraction in [0, 1)")
+    _fraction(config, f"sparsity.{field}")
   for field, minimum in (("start_step", 0), ("end_step", 0), ("update_every", 1)):
     value = sp[field]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -132,6 +132,12 @@ def launch_settings(config: ml_collections.ConfigDict,
       cluster = "slurm"
     elif _ompi_ranks(environ) > 1:
       cluster = "ompi"
+    elif num_processes is not None and num_processes > 1:
+      raise ConfigError(
+          f"config.distributed.num_processes={num_processes} but no coordinator is given, so "
+          "this process would train alone; set config.distributed.coordinator_address=HOST:PORT "
+          "and process_id (or JAX_COORDINATOR_ADDRESS and JAX_PROCESS_ID), or start the "
+          "processes with scripts/launch_local.py, srun or mpirun")
     else:
       return Launch("none")
   if cluster == "slurm" and not _slurm_tasks(environ):

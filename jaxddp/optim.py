@@ -3,11 +3,15 @@
 The recipe (jaxddp.config.resolve) has already turned the config into numbers:
 the peak learning rate after the scaling rule, warmup steps, total steps and the
 step schedule's decay points, all counted in optimizer updates.
+
+Optimizers and schedules are registries (OPTIMIZERS, SCHEDULES): a new one is one
+decorated function here, and config validation knows its name at once.
 """
 
 from __future__ import annotations
 
 import collections
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +19,44 @@ import ml_collections
 import optax
 
 from jaxddp.config import Recipe
+from jaxddp.registry import Registry
+
+
+# config.optimizer.schedule -> the schedule after warmup, (config, recipe) -> optax schedule
+# from the peak rate, counting updates from the end of warmup.
+SCHEDULES: Registry[Callable[[ml_collections.ConfigDict, Recipe], optax.Schedule]] = Registry(
+    "schedule", "optimizer.schedule")
+# config.optimizer.name -> (config, schedule, decay mask) -> optax transformation.
+OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry(
+    "optimizer", "optimizer.name")
+
+
+def _decay_steps(recipe: Recipe) -> int:
+  return max(recipe.total_steps - recipe.warmup_steps, 1)
+
+
+@SCHEDULES.register("cosine")
+def cosine(config: ml_collections.ConfigDict, recipe: Recipe) -> optax.Schedule:
+  return optax.cosine_decay_schedule(recipe.peak_learning_rate, decay_steps=_decay_steps(recipe))
+
+
+@SCHEDULES.register("polynomial")
+def polynomial(config: ml_collections.ConfigDict, recipe: Recipe) -> optax.Schedule:
+  return optax.polynomial_schedule(recipe.peak_learning_rate, 0.0,
+                                   config.optimizer.polynomial_power, _decay_steps(recipe))
+
+
+@SCHEDULES.register("step")
+def step(config: ml_collections.ConfigDict, recipe: Recipe) -> optax.Schedule:
+  scales = collections.Counter(max(t - recipe.warmup_steps, 0) for t in recipe.decay_steps)
+  return optax.piecewise_constant_schedule(
+      recipe.peak_learning_rate,
+      {t: config.optimizer.decay_factor**count for t, count in scales.items()})
+
+
+@SCHEDULES.register("constant")
+def constant(config: ml_collections.ConfigDict, recipe: Recipe) -> optax.Schedule:
+  return optax.constant_schedule(recipe.peak_learning_rate)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, recipe: Recipe) -> optax.Schedule:
@@ -25,22 +67,12 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, recipe: Recipe) ->
   cosine p * (1 + cos(pi * s)) / 2; polynomial p * (1 - s)^power; step p times
   decay_factor for every decay step <= t; constant p.
   """
-  peak, warmup = recipe.peak_learning_rate, recipe.warmup_steps
-  decay_steps = max(recipe.total_steps - warmup, 1)
-  opt = config.optimizer
-  if opt.schedule == "cosine":
-    after_warmup = optax.cosine_decay_schedule(peak, decay_steps=decay_steps)
-  elif opt.schedule == "polynomial":
-    after_warmup = optax.polynomial_schedule(peak, 0.0, opt.polynomial_power, decay_steps)
-  elif opt.schedule == "step":
-    scales = collections.Counter(max(step - warmup, 0) for step in recipe.decay_steps)
-    after_warmup = optax.piecewise_constant_schedule(
-        peak, {step: opt.decay_factor**count for step, count in scales.items()})
-  else:
-    after_warmup = optax.constant_schedule(peak)
+  after_warmup = SCHEDULES[config.optimizer.schedule](config, recipe)
+  warmup = recipe.warmup_steps
   if warmup == 0:
     return after_warmup
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after_warmup], [warmup])
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, recipe.peak_learning_rate, warmup), after_warmup], [warmup])
 
 
 def decay_mask(params) -> dict:
@@ -48,30 +80,50 @@ def decay_mask(params) -> dict:
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     schedule: optax.Schedule) -> optax.GradientTransformation:
-  """The configured optimizer, with weight decay and trust ratios masked to the weights."""
-  opt = config.optimizer
-  decayed = (lambda params: jax.tree.map(lambda _: True, params)) if opt.decay_norm_and_bias \
-      else decay_mask
-  if opt.name == "adamw":
-    tx = optax.adamw(schedule, b1=opt.momentum, weight_decay=opt.weight_decay, mask=decayed)
-  elif opt.name == "lars":
-    tx = optax.lars(schedule, weight_decay=opt.weight_decay, weight_decay_mask=decayed,
+@OPTIMIZERS.register("adamw")
+def adamw(opt: ml_collections.ConfigDict, schedule: optax.Schedule, decayed) -> optax.GradientTransformation:
+  return optax.adamw(schedule, b1=opt.momentum, weight_decay=opt.weight_decay, mask=decayed)
+
+
+@OPTIMIZERS.register("lars")
+def lars(opt: ml_collections.ConfigDict, schedule: optax.Schedule, decayed) -> optax.GradientTransformation:
+  return optax.lars(schedule, weight_decay=opt.weight_decay, weight_decay_mask=decayed,
                     trust_coefficient=opt.trust_coefficient, trust_ratio_mask=decay_mask,
                     momentum=opt.momentum)
-  elif opt.name == "lamb":
-    # optax.lamb applies the trust ratio to every parameter; here it skips the
-    # biases and normalisation parameters, as LARS does.
-    tx = optax.chain(optax.scale_by_adam(b1=opt.momentum, b2=0.999, eps=1e-6),
+
+
+@OPTIMIZERS.register("lamb")
+def lamb(opt: ml_collections.ConfigDict, schedule: optax.Schedule, decayed) -> optax.GradientTransformation:
+  # optax.lamb applies the trust ratio to every parameter; here it skips the
+  # biases and normalisation parameters, as LARS does.
+  return optax.chain(optax.scale_by_adam(b1=opt.momentum, b2=0.999, eps=1e-6),
                      optax.add_decayed_weights(opt.weight_decay, mask=decayed),
                      optax.masked(optax.scale_by_trust_ratio(), decay_mask),
                      optax.scale_by_learning_rate(schedule))
-  else:
-    momentum = None if opt.name == "sgd" else opt.momentum
+
+
+def _sgd(momentum: bool, nesterov: bool):
+  def make(opt: ml_collections.ConfigDict, schedule: optax.Schedule, decayed):
     # Coupled L2 (added to the gradient before momentum), as in Goyal et al.
-    tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=decayed),
-                     optax.sgd(schedule, momentum=momentum, nesterov=opt.name == "nesterov"))
+    return optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=decayed),
+                       optax.sgd(schedule, momentum=opt.momentum if momentum else None,
+                                 nesterov=nesterov))
+  return make
+
+
+OPTIMIZERS.register("sgd")(_sgd(momentum=False, nesterov=False))
+OPTIMIZERS.register("momentum")(_sgd(momentum=True, nesterov=False))
+OPTIMIZERS.register("nesterov")(_sgd(momentum=True, nesterov=True))
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     schedule: optax.Schedule) -> optax.GradientTransformation:
+  """The configured optimizer, with weight decay and trust ratios masked to the weights,
+  after global-norm clipping if config.optimizer.grad_clip_norm > 0."""
+  opt = config.optimizer
+  decayed = (lambda params: jax.tree.map(lambda _: True, params)) if opt.decay_norm_and_bias \
+      else decay_mask
+  tx = OPTIMIZERS[opt.name](opt, schedule, decayed)
   if opt.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
   return tx

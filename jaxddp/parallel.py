@@ -25,16 +25,23 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxddp import steps
+from jaxddp import losses, steps
 from jaxddp.config import ConfigError
+from jaxddp.losses import LossFn
 from jaxddp.sparsity import Sparsity
 from jaxddp.state import TrainState
 
 
 def set_cpu_device_count(count: int) -> None:
-  """Emulates `count` CPU devices; effective only before JAX initialises its backends."""
-  if count > 0:
-    jax.config.update("jax_num_cpu_devices", count)
+  """Emulates at least `count` CPU devices; effective only before JAX initialises its
+  backends. It never lowers a count set before (a later run in the same process may want
+  more; select_devices takes the first `count`), and once JAX has started it does
+  nothing: select_devices then says whether there are enough."""
+  if count > max(jax.config.jax_num_cpu_devices, 0):
+    try:
+      jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX has started its backends already
+      pass
 
 
 def local_value(x) -> np.ndarray:
@@ -64,7 +71,30 @@ def select_devices(cpu_devices: int) -> list[jax.Device]:
   return devices[:cpu_devices]
 
 
-class ShardMapBackend:
+class _Backend:
+  """What both backends share: they differ only in how the state and batches are laid
+  out on the devices (put_state, global_state, put_batches) and in how the steps are
+  mapped (self._train_step, self._eval_step, built by each constructor)."""
+  name: str
+  num_devices: int
+  _train_step: Callable
+  _eval_step: Callable
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return self.put_batches([batch])[0]
+
+  def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    return self._train_step(state, batch)
+
+  def compiled_train_step(self, state: TrainState, batch: dict) -> jax.stages.Compiled:
+    """The per-device program train_step runs (for XLA's cost and memory analyses)."""
+    return self._train_step.lower(state, batch).compile()
+
+  def eval_step(self, state: TrainState, batch: dict) -> dict:
+    return self._eval_step(state, batch)
+
+
+class ShardMapBackend(_Backend):
   name = "shard_map"
 
   def __init__(self, devices: list[jax.Device], train_step: Callable, eval_step: Callable):
@@ -85,27 +115,14 @@ class ShardMapBackend:
   def global_state(self, state: TrainState) -> TrainState:
     return state
 
-  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return self.put_batches([batch])[0]
-
   def put_batches(self, batches: list[dict[str, np.ndarray]]) -> list[dict[str, jax.Array]]:
     if jax.process_count() == 1:  # one transfer for all of them
       return jax.device_put(batches, self._split)
     return [{k: jax.make_array_from_process_local_data(self._split, v) for k, v in b.items()}
             for b in batches]
 
-  def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    return self._train_step(state, batch)
 
-  def compiled_train_step(self, state: TrainState, batch: dict) -> jax.stages.Compiled:
-    """The per-device program train_step runs (for XLA's cost and memory analyses)."""
-    return self._train_step.lower(state, batch).compile()
-
-  def eval_step(self, state: TrainState, batch: dict) -> dict:
-    return self._eval_step(state, batch)
-
-
-class PmapBackend:
+class PmapBackend(_Backend):
   name = "pmap"
 
   def __init__(self, devices: list[jax.Device], train_step: Callable, eval_step: Callable):
@@ -133,24 +150,11 @@ class PmapBackend:
       return jax.make_array_from_single_device_arrays(x.shape[1:], self._replicated, copies)
     return jax.tree.map(replicated, state)
 
-  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return self.put_batches([batch])[0]
-
   def put_batches(self, batches: list[dict[str, np.ndarray]]) -> list[dict[str, jax.Array]]:
     n = len(self.local_devices)
     per_device = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])
     return jax.device_put([{k: per_device(v) for k, v in b.items()} for b in batches],
                           self._split)
-
-  def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    return self._train_step(state, batch)
-
-  def compiled_train_step(self, state: TrainState, batch: dict) -> jax.stages.Compiled:
-    """The per-device program train_step runs (for XLA's cost and memory analyses)."""
-    return self._train_step.lower(state, batch).compile()
-
-  def eval_step(self, state: TrainState, batch: dict) -> dict:
-    return self._eval_step(state, batch)
 
 
 Backend = ShardMapBackend | PmapBackend
@@ -163,10 +167,18 @@ def metrics_to_host(metrics: list[dict]) -> list[dict[str, float]]:
           for step in jax.device_get(local_copies)]
 
 
+BACKENDS = {"shard_map": ShardMapBackend, "pmap": PmapBackend}
+
+
 def create_backend(config: ml_collections.ConfigDict, devices: list[jax.Device],
-                   learning_rate_fn: Callable, sparsity: Sparsity | None = None) -> Backend:
+                   learning_rate_fn: Callable, sparsity: Sparsity | None = None,
+                   train_loss: LossFn = losses.cross_entropy,
+                   eval_loss: LossFn = losses.cross_entropy) -> Backend:
+  """config.parallel.backend's backend, running jaxddp.steps with the run's schedule,
+  sparsity and losses (train_loss is minimised, eval_loss reported)."""
   train_step = functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn,
+                                 train_loss=train_loss, eval_loss=eval_loss,
                                  accumulation_steps=config.train.accumulation_steps,
-                                 label_smoothing=config.train.label_smoothing, sparsity=sparsity)
-  backend = {"shard_map": ShardMapBackend, "pmap": PmapBackend}[config.parallel.backend]
-  return backend(devices, train_step, steps.eval_step)
+                                 sparsity=sparsity)
+  eval_step = functools.partial(steps.eval_step, loss_fn=eval_loss)
+  return BACKENDS[config.parallel.backend](devices, train_step, eval_step)

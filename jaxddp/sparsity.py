@@ -46,9 +46,34 @@ from flax import traverse_util
 from jaxddp.config import ConfigError, Recipe
 from jaxddp.nn import MaskedConv, MaskedDense
 from jaxddp.nn.masked import kth_largest
+from jaxddp.registry import Registry
 from jaxddp.state import TrainState
 
 LAYER_TYPES = (nn.Dense, nn.Conv, MaskedDense, MaskedConv)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What a sparsity method (config.sparsity.method) does; Sparsity and the models read it.
+
+  updates: when the masks are recomputed from the weights' magnitudes: "never",
+  "once" (at start_step), "gradual" (every update_every steps from start_step to
+  end_step, on Zhu & Gupta's cubic schedule) or "periodic" (every update_every
+  steps from start_step on).
+  """
+  masked: bool = True  # the built-in models use MaskedDense / MaskedConv
+  initial: str = "ones"  # the masks at initialisation: "ones", or "random" (drawn once)
+  updates: str = "never"
+  prunes: bool = True  # a new mask zeroes the pruned weights and their optimizer state
+  sparse_backward: bool = False  # SWAT: the kernel gradient from a sparsified layer input
+
+
+METHODS: Registry[Method] = Registry("sparsity method", "sparsity.method")
+METHODS.register("none")(Method(masked=False))
+METHODS.register("magnitude")(Method(updates="once"))
+METHODS.register("gradual_magnitude")(Method(updates="gradual"))
+METHODS.register("random")(Method(initial="random"))
+METHODS.register("swat")(Method(updates="periodic", prunes=False, sparse_backward=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,24 +145,28 @@ class Sparsity:
   # --- the schedule ---
 
   @property
+  def spec(self) -> Method:
+    return METHODS[self.method]
+
+  @property
   def masked_layers(self) -> tuple[Layer, ...]:
     return tuple(layer for layer in self.layers if layer.masked)
 
   def target(self, step: int) -> float:
     """The weight sparsity the masks have after the update at `step` (if any)."""
-    if self.method == "none" or step < self.start_step:
+    if not self.spec.masked or step < self.start_step:
       return 0.0
-    if self.method == "gradual_magnitude":
+    if self.spec.updates == "gradual":
       progress = min(1.0, (step - self.start_step) / (self.end_step - self.start_step))
       return self.weight_sparsity * (1.0 - (1.0 - progress) ** 3)
     return self.weight_sparsity
 
   def update_steps(self) -> list[int]:
-    """Steps at whose start magnitude and gradual_magnitude recompute the masks (swat's
-    updates are periodic, random's never happen: see `update`)."""
-    if self.method == "magnitude":
+    """Steps at whose start "once" and "gradual" methods recompute the masks (periodic
+    updates are tested for in `update`)."""
+    if self.spec.updates == "once":
       return [self.start_step]
-    if self.method == "gradual_magnitude":
+    if self.spec.updates == "gradual":
       steps = list(range(self.start_step, self.end_step, self.update_every))
       return steps + [self.end_step]
     return []
@@ -159,7 +188,7 @@ class Sparsity:
 
   def initialize(self, state: TrainState) -> TrainState:
     """Masks at initialisation: random ones for `random`, all ones otherwise."""
-    if self.method != "random" or not self.masked_layers:
+    if self.spec.initial != "random" or not self.masked_layers:
       return state
     kernels = _kernels(state.params, self.masked_layers)
     keys = jax.random.split(jax.random.key(self.seed + 1), len(kernels))
@@ -170,10 +199,10 @@ class Sparsity:
 
   def update(self, state: TrainState) -> TrainState:
     """Recomputes the masks if this step (state.step) is an update step. Traced."""
-    if self.method in ("none", "random") or not self.masked_layers:
+    if self.spec.updates == "never" or not self.masked_layers:
       return state
     step = state.step
-    if self.method == "swat":
+    if self.spec.updates == "periodic":
       is_update = (step >= self.start_step) & ((step - self.start_step) % self.update_every == 0)
       counts = self._counts_table([self.weight_sparsity])[0]
     else:
@@ -196,7 +225,7 @@ class Sparsity:
   def _recompute(self, state: TrainState, counts: jnp.ndarray) -> TrainState:
     kernels = _kernels(state.params, self.masked_layers)
     masks = self._top_masks({n: jnp.abs(k) for n, k in kernels.items()}, counts)
-    if self.method == "swat":
+    if not self.spec.prunes:
       return state.replace(masks=_unflatten(masks, state.masks))
     return self._prune(state, masks)
 
@@ -245,7 +274,7 @@ class Sparsity:
       p, w, n = layer.positions, layer.size, nonzeros[layer.name]
       if not layer.masked:
         kernel_grad = 2 * p * w
-      elif self.method == "swat":
+      elif self.spec.sparse_backward:
         kernel_grad = 2 * p * w * (1.0 - layer.activation_sparsity)
       else:
         kernel_grad = 2 * p * n
@@ -285,7 +314,7 @@ class Sparsity:
       nonzero = layer.size * (1.0 - sparsity)
       rows.append((layer.name, "x".join(map(str, layer.kernel_shape)), str(layer.size),
                    f"{sparsity:.1%}", f"{layer.activation_sparsity:.0%}" if
-                   layer.masked and self.method == "swat" else "-",
+                   layer.masked and self.spec.sparse_backward else "-",
                    f"{2 * layer.positions * nonzero / 1e6:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
@@ -325,22 +354,28 @@ def _unflatten(masks: dict[str, jnp.ndarray], like) -> Any:
 
 
 def create(config: ml_collections.ConfigDict, recipe: Recipe, model: nn.Module,
-           input_shape: tuple[int, ...]) -> Sparsity:
-  """The run's Sparsity: config.sparsity checked against the run's length and the model."""
+           input_shape: tuple[int, ...], builtin_model: bool = True) -> Sparsity:
+  """The run's Sparsity: config.sparsity checked against the run's length and the model.
+
+  The masked layers are the model's jaxddp.nn.MaskedDense / MaskedConv: the built-in
+  models' layers under a masked method, or whichever a model of your own uses."""
   sp = config.sparsity
+  method = METHODS[sp.method]
   total = recipe.total_steps
   end_step = sp.end_step or (total * 3) // 4
-  if sp.method in ("magnitude", "gradual_magnitude", "swat") and sp.start_step >= total:
+  if method.updates != "never" and sp.start_step >= total:
     raise ConfigError(f"config.sparsity.start_step={sp.start_step} is not before the end of "
                       f"training ({total} steps); nothing would be pruned")
-  if sp.method == "gradual_magnitude" and end_step <= sp.start_step:
+  if method.updates == "gradual" and end_step <= sp.start_step:
     what = (f"config.sparsity.end_step={sp.end_step}" if sp.end_step else
             f"config.sparsity.end_step=0 (3/4 of the {total} steps: {end_step})")
     raise ConfigError(f"{what} must be after config.sparsity.start_step={sp.start_step}")
   layers = tuple(find_layers(model, input_shape))
-  if sp.method != "none" and not any(layer.masked for layer in layers):
-    raise ConfigError(f"config.sparsity.method={sp.method!r} but the model has no layer left to "
-                      "sparsify (skip_first_layer and skip_last_layer exclude all of them)")
+  if method.masked and not any(layer.masked for layer in layers):
+    why = ("skip_first_layer and skip_last_layer exclude all of them" if builtin_model else
+           "a model of your own sparsifies its jaxddp.nn.MaskedDense / MaskedConv layers")
+    raise ConfigError(f"config.sparsity.method={sp.method!r} but the model has no masked layer "
+                      f"to sparsify ({why})")
   return Sparsity(method=sp.method, weight_sparsity=float(sp.weight_sparsity),
                   distribution=sp.distribution, scope=sp.scope, start_step=sp.start_step,
                   end_step=end_step, update_every=sp.update_every, layers=layers,

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from jaxddp import losses
+from jaxddp.losses import LossFn
 from jaxddp.sparsity import Sparsity
-from jaxddp.state import TrainState
+from jaxddp.state import TrainState, step_rngs
 
 AXIS = "data"
 
@@ -31,24 +32,17 @@ def _per_device(tree):
   return jax.tree.map(lambda x: jax.lax.pcast(x, AXIS, to="varying"), tree)
 
 
-def _local_sums(logits, labels, weights) -> dict[str, jnp.ndarray]:
+def _local_sums(logits, labels, weights, loss_fn: LossFn) -> dict[str, jnp.ndarray]:
   """(sum, count) pairs over this device's examples."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  losses = loss_fn(logits, labels)
   correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
   return {"loss_sum": jnp.sum(losses * weights), "correct_sum": jnp.sum(correct * weights),
           "count": jnp.sum(weights)}
 
 
-def _training_loss(logits, labels, label_smoothing: float) -> jnp.ndarray:
-  """Mean cross-entropy against (optionally smoothed) one-hot labels."""
-  if not label_smoothing:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets).mean()
-
-
 def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
-               accumulation_steps: int = 1, label_smoothing: float = 0.0,
+               train_loss: LossFn = losses.cross_entropy,
+               eval_loss: LossFn = losses.cross_entropy, accumulation_steps: int = 1,
                sparsity: Sparsity | None = None) -> tuple[TrainState, dict]:
   """One optimizer update from this device's slice of the (effective) global batch.
 
@@ -58,25 +52,34 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
   model without batch-dependent layers. Batch-norm statistics update after each
   micro-batch, as they would over k separate steps.
 
+  The model minimises the mean of train_loss over the examples; the reported loss is
+  eval_loss's (they differ only with label smoothing). Its random streams (dropout,
+  ...) draw from keys of (state.rng, step, device, micro-batch): jaxddp.state.step_rngs.
+
   With `sparsity`, the weight masks are first recomputed if this is one of the
-  schedule's update steps (from the replicated weights: the same on every device).
+  schedule's update steps (from the replicated weights: the same on every device),
+  and the step's FLOPs are added to state.train_flops.
   """
   if sparsity is not None:
     state = sparsity.update(state)
   params = _per_device(state.params)
+  device = jax.lax.axis_index(AXIS)
 
-  def loss_fn(params, batch_stats, micro_batch):
+  def loss_fn(params, batch_stats, micro_batch, micro_index):
     variables = {**state.variables(params), "batch_stats": batch_stats}
     logits, updates = state.apply_fn(variables, micro_batch["x"], train=True,
-                                     mutable=["batch_stats"])
-    loss = _training_loss(logits, micro_batch["y"], label_smoothing)
+                                     mutable=["batch_stats"],
+                                     rngs=step_rngs(state.rng, state.step, device, micro_index))
+    loss = train_loss(logits, micro_batch["y"]).mean()
     return loss, (logits, updates["batch_stats"])
 
-  def micro_step(carry, micro_batch):
+  def micro_step(carry, micro):
+    micro_batch, micro_index = micro
     grads_sum, batch_stats, sums = carry
     (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats, micro_batch)
-    local = _local_sums(logits, micro_batch["y"], jnp.ones_like(micro_batch["y"], jnp.float32))
+        params, batch_stats, micro_batch, micro_index)
+    local = _local_sums(logits, micro_batch["y"], jnp.ones_like(micro_batch["y"], jnp.float32),
+                        eval_loss)
     add = lambda a, b: jax.tree.map(jnp.add, a, b)
     return (add(grads_sum, grads), batch_stats, add(sums, local)), None
 
@@ -88,9 +91,11 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
   carry = (jax.tree.map(jnp.zeros_like, params), _per_device(state.batch_stats),
            _per_device(zero_sums))
   if accumulation_steps == 1:  # no loop: XLA optimises a plain step better than a scan of one
-    (grads, batch_stats, sums), _ = micro_step(carry, jax.tree.map(lambda x: x[0], micro_batches))
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    (grads, batch_stats, sums), _ = micro_step(carry, (first, 0))
   else:
-    (grads, batch_stats, sums), _ = jax.lax.scan(micro_step, carry, micro_batches)
+    (grads, batch_stats, sums), _ = jax.lax.scan(
+        micro_step, carry, (micro_batches, jnp.arange(accumulation_steps)))
   grads = jax.lax.pmean(jax.tree.map(lambda g: g / accumulation_steps, grads), AXIS)
   # One shared running average. Synchronised batch norm already computed the same
   # statistics on every device; per-device batch norm did not, and is averaged here.
@@ -99,6 +104,8 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
   metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
   if sparsity is not None:
     metrics["flops"] = jnp.asarray(sparsity.train_step_flops(state.masks), jnp.float32)
+    state = state.add_flops(metrics["flops"])
+    metrics["train_flops_high"], metrics["train_flops_low"] = state.train_flops
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   # A finite loss can still be followed by an overflowing update: check the result too.
   finite = [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(state.params)]
@@ -106,7 +113,8 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
   return state, metrics
 
 
-def eval_step(state: TrainState, batch: dict) -> dict:
+def eval_step(state: TrainState, batch: dict, *,
+              loss_fn: LossFn = losses.cross_entropy) -> dict:
   """Masked sums over this device's slice; padded examples (mask 0) count for nothing."""
   logits = state.apply_fn(state.variables(), batch["x"], train=False)
-  return jax.lax.psum(_local_sums(logits, batch["y"], batch["mask"]), AXIS)
+  return jax.lax.psum(_local_sums(logits, batch["y"], batch["mask"], loss_fn), AXIS)

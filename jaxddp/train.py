@@ -1,12 +1,14 @@
 """train_and_evaluate: the whole training run, top to bottom.
 
-1. Check the config, find the devices, load the data, resolve the recipe:
-   every user error surfaces here, before anything compiles or is written.
-2. Build the model, its sparsity schedule, optimizer and state (1 and 2 are
-   `setup`, which scripts/benchmark.py shares); resume from the latest checkpoint.
-3. Train: dispatch steps with a bounded number in flight, log, evaluate (with
-   the weight sparsity and FLOPs report), checkpoint, stop cleanly on SIGTERM,
-   stop loudly on a non-finite loss.
+1. Set up (`setup`, which scripts/benchmark.py shares): check the config, find the
+   devices, load the data, resolve the recipe, build the model, loss, sparsity
+   schedule, optimizer, backend and state. Every user error surfaces here, before
+   anything compiles or is written.
+2. Start: resume from the workdir's latest checkpoint; or, in a new workdir, start
+   from another run's weights (config.init_from) or from the initialisation.
+3. Train: dispatch the steps (a bounded number in flight), and on schedule log,
+   evaluate (with the sparsity and FLOPs report) and checkpoint; stop cleanly on
+   SIGTERM, loudly on a non-finite loss.
 4. Evaluate on the whole test split and report (a sparse run prints a table).
 """
 
@@ -19,15 +21,17 @@ import math
 import os
 import signal
 import time
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import ml_collections
 
+from jaxddp import checkpoint, data, distributed, losses, models, optim, parallel, sparsity
 from jaxddp import config as config_lib
-from jaxddp import data, distributed, models, optim, parallel, sparsity
 from jaxddp.checkpoint import Checkpointer, StopSignal
-from jaxddp.metrics import MetricWriter, Progress, SumCounter, format_recipe, read_scalar
-from jaxddp.state import TrainState, create_train_state
+from jaxddp.metrics import MetricWriter, Progress, SumCounter, format_recipe
+from jaxddp.state import TrainState, create_train_state, total_flops
 
 
 class TrainingInterrupted(Exception):
@@ -51,14 +55,16 @@ class TrainResult:
 
 @dataclasses.dataclass
 class Setup:
-  """What a run trains with, built from the config alone (no workdir)."""
+  """What a run trains with, built from the config (and any objects given) alone."""
   config: ml_collections.ConfigDict
   devices: list[jax.Device]
   dataset: data.Dataset
   recipe: config_lib.Recipe
+  model: nn.Module
   backend: parallel.Backend
   sparsity: sparsity.Sparsity  # masks' schedule (method none: dense) and the FLOPs count
   state: TrainState  # freshly initialised, placed on the devices
+  given: dict[str, str]  # what was passed as an object instead of named in the config
 
   def train_batches(self, start_step: int):
     """This process's part of the training batch of each step from start_step on."""
@@ -68,149 +74,243 @@ class Setup:
         process_count=jax.process_count())
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
-  """Steps 1 and 2 of a run, up to its first step (scripts/benchmark.py times from here).
+def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
+          dataset: data.Dataset | None = None,
+          loss_fn: losses.LossFn | None = None) -> Setup:
+  """Step 1 of a run, up to its first step (scripts/benchmark.py times from here).
 
-  Checks the config, finds the devices, loads the data and resolves the recipe (every
-  user error surfaces here, before anything compiles), then builds the model,
-  optimizer, backend and initial state.
+  `model`, `dataset` and `loss_fn`, if given, replace what config.model.name,
+  config.dataset.name and config.train.loss would name.
   """
-  config_lib.validate(config)
+  given = {name: _describe(value) for name, value in
+           (("model", model), ("dataset", dataset), ("loss_fn", loss_fn)) if value is not None}
+  config_lib.validate(config, model_given=model is not None, dataset_given=dataset is not None,
+                      loss_given=loss_fn is not None)
+  parallel.set_cpu_device_count(config.parallel.cpu_devices)  # if JAX has not started yet
   devices = parallel.select_devices(config.parallel.cpu_devices)
-  dataset = data.load_dataset(config)
+  if dataset is None:
+    dataset = data.load_dataset(config)
+  else:
+    data.check_dataset(dataset, "train_and_evaluate(dataset=...)")
   recipe = config_lib.resolve(config, num_train_examples=dataset.num_train_examples,
                               num_test_examples=dataset.num_test_examples, num_devices=len(devices),
                               num_processes=jax.process_count())
-  model = models.create_model(config, dataset.num_classes)
-  sparse = sparsity.create(config, recipe, model, dataset.input_shape)
+  builtin_model = model is None and config.model.name in models.MODELS
+  if model is None:
+    model = models.create_model(config, dataset.num_classes)
+  elif not isinstance(model, nn.Module):
+    raise config_lib.ConfigError(f"train_and_evaluate(model=...) got a {type(model).__name__}, "
+                                 "not a Flax module (nn.Module)")
+  models.check_model(model, dataset.input_shape, dataset.num_classes)
+  train_loss, eval_loss = losses.get(config, loss_fn)
+  losses.check(eval_loss, dataset.num_classes)
+  sparse = sparsity.create(config, recipe, model, dataset.input_shape, builtin_model)
   schedule = optim.learning_rate_schedule(config, recipe)
   tx = optim.create_optimizer(config, schedule)
-  backend = parallel.create_backend(config, devices, schedule, sparse)
+  backend = parallel.create_backend(config, devices, schedule, sparse, train_loss, eval_loss)
   state = sparse.initialize(create_train_state(model, tx, dataset.input_shape, config.seed))
-  state = backend.put_state(state)
-  return Setup(config, devices, dataset, recipe, backend, sparse, state)
+  return Setup(config, devices, dataset, recipe, model, backend, sparse,
+               backend.put_state(state), given)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-  """Trains data-parallel on every selected device, then evaluates on the test split."""
-  # --- 1 and 2. Config, devices, data, recipe (fail before compiling or writing); model,
-  # optimizer, state, and the latest checkpoint if there is one. ---
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       model: nn.Module | None = None, dataset: data.Dataset | None = None,
+                       loss_fn: losses.LossFn | None = None) -> TrainResult:
+  """Trains data-parallel on every selected device, then evaluates on the test split.
+
+  `model` (a Flax module called as model(x, train=bool) that returns logits),
+  `dataset` (a jaxddp.data.Dataset, e.g. jaxddp.data.ArrayDataset) and `loss_fn`
+  (logits, labels -> per-example losses) replace what the config names; see README,
+  "Your own model and data".
+  """
+  # --- 1. Set up: every user error surfaces here, before anything compiles or is written.
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise config_lib.ConfigError(f"--workdir={workdir} is a file; give a directory")
-  run = setup(config)
-  devices, dataset, recipe, backend, state, sparse = (run.devices, run.dataset, run.recipe,
-                                                      run.backend, run.state, run.sparsity)
-  is_main_process = jax.process_index() == 0
-  checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
-  state = backend.put_state(checkpointer.restore_latest(backend.global_state(state)))
-  start_step = int(parallel.local_value(backend.global_state(state).step))
+  run = setup(config, model=model, dataset=dataset, loss_fn=loss_fn)
+  recipe, backend, state = run.recipe, run.backend, run.state
+  resuming = checkpoint.has_checkpoint(workdir)
+  source = None
+  if config.init_from.workdir and not resuming:
+    source = checkpoint.InitSource(config.init_from, backend.global_state(state))
 
+  # --- 2. Start: resume, or start from another run's weights, or from the initialisation.
+  is_main_process = jax.process_index() == 0
+  checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)  # creates the workdir
+  if resuming:
+    state = backend.put_state(checkpointer.restore_latest(backend.global_state(state)))
+  elif source:
+    # The sparsity method then applies to the loaded weights (random masks prune them).
+    state = backend.put_state(run.sparsity.initialize(source.load(backend.global_state(state))))
+  start_step = int(parallel.local_value(backend.global_state(state).step))
   progress = Progress(recipe.total_steps, start_step, enabled=is_main_process)
   if is_main_process:
-    _save_config(workdir, config, recipe)
-    progress.print(f"jaxddp: {backend.name} on {recipe.num_devices} {devices[0].platform} "
+    changes = _config_changes(workdir, config, run.given)
+    _save_config(workdir, config, recipe, run.given)
+    progress.print(f"jaxddp: {backend.name} on {recipe.num_devices} {run.devices[0].platform} "
                    f"device(s), {recipe.num_processes} process(es)\nresolved recipe:\n"
                    f"{format_recipe(recipe.to_dict())}")
+    for line in changes:
+      progress.print(line)
     if start_step:
       progress.print(f"resuming from the checkpoint at step {start_step}")
+    elif source:
+      progress.print(f"initialised from {source.describe()}")
   writer = MetricWriter(workdir, enabled=is_main_process)
-  # Training FLOPs so far (analytical, sparse; see jaxddp.sparsity), summed per step.
-  train_flops = read_scalar(workdir, "flops/train_total", start_step) or 0.0
 
   # --- 3. Train. ---
-  # The time the loop waits for the next batch (on the devices) is logged as
-  # train/data_wait_fraction.
   batches = data.prefetch_to_device(run.train_batches(start_step), backend.put_batches)
-  window = SumCounter()
-  window_start = time.time()
-  data_wait = 0.0  # seconds in this logging window
-  learning_rate = 0.0
-  in_flight: collections.deque = collections.deque()  # dispatched, maybe still running
-  finished: list = []  # done on the device, metrics not yet read by the host
+  window = LogWindow()
+  watchdog = distributed.Watchdog(
+      config.distributed.hang_timeout,
+      f"no step, evaluation or checkpoint finished for {config.distributed.hang_timeout} s "
+      "(config.distributed.hang_timeout): another process may have died or hung",
+      distributed.process_label())
+  in_flight = StepsInFlight(config.parallel.max_steps_in_flight, window.add, watchdog.pet,
+                            checkpointer.directory)
+  log_due = Every(config.train.log_every, recipe.total_steps)
+  eval_due = Every(config.train.eval_every, recipe.total_steps, at_end=False)  # the end: step 4
+  checkpoint_due = Every(config.train.checkpoint_every, recipe.total_steps)
 
-  def wait_for_oldest_step() -> None:
-    finished.append(in_flight.popleft())
-    jax.block_until_ready(finished[-1][1])
+  def save_checkpoint(done: int) -> None:
+    in_flight.drain()  # a checkpoint holds only steps already checked
+    checkpointer.save(done, backend.global_state(state))
     watchdog.pet()
 
-  def check_steps() -> None:
-    """Waits for every step in flight, reads their metrics in one transfer, checks them."""
-    nonlocal learning_rate, train_flops
-    while in_flight:
-      wait_for_oldest_step()
+  try:
+    with StopSignal() as stop, watchdog:
+      for step in range(start_step, recipe.total_steps):
+        batch = window.timed_wait(batches)
+        state, metrics = backend.train_step(state, batch)
+        in_flight.add(step, metrics)
+        done = step + 1  # steps completed once this one finishes
+
+        if log_due(done):
+          in_flight.drain()
+          scalars = window.flush()
+          writer.write(done, scalars)
+          progress.update(done, scalars)
+        if eval_due(done):
+          scalars = evaluate(backend, state, run.dataset, recipe)
+          writer.write(done, {**{f"eval/{k}": v for k, v in scalars.items()},
+                              **sparsity_report(run.sparsity, backend, state, done)})
+          watchdog.pet()
+        if checkpoint_due(done):
+          save_checkpoint(done)
+        if _stop_requested(stop, done, config.train.log_every):
+          save_checkpoint(done)
+          raise TrainingInterrupted(stop.name or "a signal to another process",
+                                    stop.received or signal.SIGTERM, done)
+      in_flight.drain()
+
+      # --- 4. Final evaluation on every test example. ---
+      final = evaluate(backend, state, run.dataset, recipe)
+    report = sparsity_report(run.sparsity, backend, state, recipe.total_steps)
+    writer.write(recipe.total_steps, {**{f"eval/{k}": v for k, v in final.items()}, **report})
+  finally:
+    progress.close()
+    writer.close()
+    checkpointer.close()
+  run_time = time.time() - window.started
+  if run.sparsity.spec.masked:
+    progress.print(run.sparsity.format_table(report, report["flops/train_total"],
+                                             report["flops/train_total_dense"]))
+  progress.print(f"final test accuracy {final['accuracy']:.2%} (loss {final['loss']:.4f}) "
+                 f"after {recipe.total_steps} steps, {run_time:.1f}s of training")
+  return TrainResult(state=backend.global_state(state), eval_metrics=final)
+
+
+@dataclasses.dataclass(frozen=True)
+class Every:
+  """Whether an action is due after `done` steps: every `period` steps (0: never); after
+  the run's last step, if and only if `at_end`."""
+  period: int
+  last_step: int
+  at_end: bool = True
+
+  def __call__(self, done: int) -> bool:
+    if done == self.last_step:
+      return self.at_end
+    return bool(self.period) and done % self.period == 0
+
+
+class StepsInFlight:
+  """The steps dispatched to the devices whose metrics the host has not read yet.
+
+  `add` keeps at most `limit` steps running (unbounded dispatch can deadlock CPU
+  collectives), waiting without any transfer to the host. `drain` waits for all of
+  them, reads their metrics in one transfer, checks each step for a non-finite loss
+  or parameters, and hands the metrics to `on_checked` in order.
+  """
+
+  def __init__(self, limit: int, on_checked: Callable[[dict[str, float]], None],
+               on_finished: Callable[[], None], checkpoint_directory: str):
+    self.limit = limit
+    self.on_checked = on_checked
+    self.on_finished = on_finished  # a step finished on the devices (the watchdog's pet)
+    self.checkpoint_directory = checkpoint_directory
+    self._running: collections.deque = collections.deque()  # (step, metrics) dispatched
+    self._finished: list = []  # finished on the devices, metrics not yet read
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._running.append((step, metrics))
+    while len(self._running) >= self.limit:
+      self._wait_for_oldest()
+
+  def _wait_for_oldest(self) -> None:
+    self._finished.append(self._running.popleft())
+    jax.block_until_ready(self._finished[-1][1])
+    self.on_finished()
+
+  def drain(self) -> None:
+    while self._running:
+      self._wait_for_oldest()
+    finished, self._finished = self._finished, []
     for (step, _), metrics in zip(finished, parallel.metrics_to_host([m for _, m in finished])):
       if not math.isfinite(metrics["loss_sum"]) or metrics["params_finite"] != 1.0:
         what = (f"the training loss is {metrics['loss_sum'] / metrics['count']}"
                 if not math.isfinite(metrics["loss_sum"]) else "the parameters became NaN or Inf")
         raise NonFiniteLossError(
             f"{what} at step {step + 1}; stopping (the last good checkpoint in "
-            f"{checkpointer.directory} is kept; try a lower config.optimizer.learning_rate)")
-      window.add(metrics)
-      learning_rate = metrics["learning_rate"]
-      train_flops += metrics["flops"]
-    finished.clear()
+            f"{self.checkpoint_directory} is kept; try a lower config.optimizer.learning_rate)")
+      self.on_checked(metrics)
 
-  def save_checkpoint(done: int) -> None:
-    check_steps()
-    checkpointer.save(done, backend.global_state(state))
-    writer.write(done, {"flops/train_total": train_flops})  # where a resumed run's total starts
-    watchdog.pet()
 
-  run_start = time.time()
-  hang = (f"no step, evaluation or checkpoint finished for {config.distributed.hang_timeout} s "
-          "(config.distributed.hang_timeout): another process may have died or hung")
-  watchdog = distributed.Watchdog(config.distributed.hang_timeout, hang,
-                                  distributed.process_label())
-  try:
-    with StopSignal() as stop, watchdog:
-      for step in range(start_step, recipe.total_steps):
-        wait_start = time.perf_counter()
-        batch = next(batches)
-        data_wait += time.perf_counter() - wait_start
-        state, metrics = backend.train_step(state, batch)
-        in_flight.append((step, metrics))
-        while len(in_flight) >= config.parallel.max_steps_in_flight:
-          wait_for_oldest_step()  # bounds the work in flight; no transfer to the host
-        done = step + 1  # steps completed once this one finishes
+class LogWindow:
+  """What one logging window adds up: loss and accuracy sums, the time spent waiting for
+  batches, and the latest learning rate and training-FLOPs total."""
 
-        if done % config.train.log_every == 0 or done == recipe.total_steps:
-          check_steps()
-          seconds = time.time() - window_start
-          scalars = {f"train/{k}": v for k, v in window.averages().items()}
-          scalars["train/learning_rate"] = learning_rate
-          scalars["train/examples_per_second"] = window.count / seconds
-          scalars["train/data_wait_fraction"] = data_wait / seconds
-          scalars["flops/train_total"] = train_flops
-          writer.write(done, scalars)
-          progress.update(done, scalars)
-          window, window_start, data_wait = SumCounter(), time.time(), 0.0
-        if config.train.eval_every and done % config.train.eval_every == 0 \
-            and done < recipe.total_steps:
-          metrics = evaluate(backend, state, dataset, recipe)
-          writer.write(done, {**{f"eval/{k}": v for k, v in metrics.items()},
-                              **sparsity_report(sparse, backend, state, done, train_flops)})
-          watchdog.pet()
-        if done % config.train.checkpoint_every == 0 or done == recipe.total_steps:
-          save_checkpoint(done)
-        if _stop_requested(stop, done, config.train.log_every):
-          save_checkpoint(done)
-          raise TrainingInterrupted(stop.name or "a signal to another process",
-                                    stop.received or signal.SIGTERM, done)
-      check_steps()
+  def __init__(self):
+    self.started = time.time()
+    self._reset()
 
-      # --- 4. Final evaluation on every test example. ---
-      final = evaluate(backend, state, dataset, recipe)
-    report = sparsity_report(sparse, backend, state, recipe.total_steps, train_flops)
-    writer.write(recipe.total_steps, {**{f"eval/{k}": v for k, v in final.items()}, **report})
-  finally:
-    progress.close()
-    writer.close()
-    checkpointer.close()
-  if sparse.method != "none":
-    progress.print(sparse.format_table(report, train_flops, report["flops/train_total_dense"]))
-  progress.print(f"final test accuracy {final['accuracy']:.2%} (loss {final['loss']:.4f}) after "
-                 f"{recipe.total_steps} steps, {time.time() - run_start:.1f}s of training")
-  return TrainResult(backend.global_state(state), final)
+  def _reset(self) -> None:
+    self.sums = SumCounter()
+    self.start = time.time()
+    self.data_wait = 0.0  # seconds
+    self.scalars: dict[str, float] = {}
+
+  def timed_wait(self, batches) -> Any:
+    """The next batch; the time spent waiting for it counts as data wait."""
+    wait_start = time.perf_counter()
+    batch = next(batches)
+    self.data_wait += time.perf_counter() - wait_start
+    return batch
+
+  def add(self, metrics: dict[str, float]) -> None:
+    self.sums.add(metrics)
+    self.scalars["train/learning_rate"] = metrics["learning_rate"]
+    if "train_flops_high" in metrics:
+      self.scalars["flops/train_total"] = metrics["train_flops_high"] + metrics["train_flops_low"]
+
+  def flush(self) -> dict[str, float]:
+    """The window's scalars; the next window starts now."""
+    seconds = time.time() - self.start
+    scalars = {f"train/{k}": v for k, v in self.sums.averages().items()}
+    scalars.update(self.scalars)
+    scalars["train/examples_per_second"] = self.sums.count / seconds
+    scalars["train/data_wait_fraction"] = self.data_wait / seconds
+    self._reset()
+    return scalars
 
 
 def evaluate(backend: parallel.Backend, state: TrainState, dataset: data.Dataset,
@@ -226,11 +326,12 @@ def evaluate(backend: parallel.Backend, state: TrainState, dataset: data.Dataset
 
 
 def sparsity_report(sparse: sparsity.Sparsity, backend: parallel.Backend, state: TrainState,
-                    step: int, train_flops: float) -> dict[str, float]:
+                    step: int) -> dict[str, float]:
   """Weight sparsity per layer and in total, and FLOPs (per example, per step, in total)."""
-  masks = jax.tree.map(parallel.local_value, backend.global_state(state).masks)
+  state = backend.global_state(state)
+  masks = jax.tree.map(parallel.local_value, state.masks)
   scalars = sparse.report(masks)
-  scalars["flops/train_total"] = train_flops
+  scalars["flops/train_total"] = total_flops(parallel.local_value(state.train_flops))
   scalars["flops/train_total_dense"] = step * scalars["flops/train_step_dense"]
   return scalars
 
@@ -243,9 +344,53 @@ def _stop_requested(stop: StopSignal, done: int, log_every: int) -> bool:
   return done % log_every == 0 and distributed.agree_any(stop.received is not None)
 
 
-def _save_config(workdir: str, config: ml_collections.ConfigDict, recipe: config_lib.Recipe):
-  """Writes workdir/config.json (config and resolved recipe) atomically."""
+def _describe(value: Any) -> str:
+  """How config.json names an object passed to train_and_evaluate: its class's (or, for a
+  function, its own) module:qualified name."""
+  named = value if callable(value) and not isinstance(value, nn.Module) else type(value)
+  return f"{getattr(named, '__module__', '?')}:{getattr(named, '__qualname__', repr(named))}"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _fields(config: dict[str, Any], given: dict[str, str]) -> dict[str, Any]:
+  """{"config.train.num_steps": 20, ..., "given model": "my_models:MLP"}, as JSON values."""
+  fields = _flatten(json.loads(json.dumps(config, default=str)), "config.")
+  fields.update({f"given {name}": value for name, value in given.items()})
+  return fields
+
+
+def _config_changes(workdir: str, config: ml_collections.ConfigDict,
+                    given: dict[str, str]) -> list[str]:
+  """One line per field that differs from the workdir's config.json, written by an
+  earlier run in this workdir (none if there is none)."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      saved = json.load(f)
+    before = _fields(saved["config"], saved.get("given", {}))
+  except (FileNotFoundError, json.JSONDecodeError, KeyError):
+    return []
+  now = _fields(config.to_dict(), given)
+  show = lambda fields, name: json.dumps(fields[name]) if name in fields else "(absent)"
+  return [f"{name} changed since this workdir's config.json: {show(before, name)} -> "
+          f"{show(now, name)}" for name in sorted(set(before) | set(now))
+          if name not in before or name not in now or before[name] != now[name]]
+
+
+def _save_config(workdir: str, config: ml_collections.ConfigDict, recipe: config_lib.Recipe,
+                 given: dict[str, str]) -> None:
+  """Writes workdir/config.json atomically: the config, what was passed to
+  train_and_evaluate as objects instead of named in it, and the resolved recipe."""
   path = os.path.join(workdir, "config.json")
   with open(path + ".tmp", "w") as f:
-    json.dump({"config": config.to_dict(), "recipe": recipe.to_dict()}, f, indent=2, default=str)
+    json.dump({"config": config.to_dict(), "given": given, "recipe": recipe.to_dict()}, f,
+              indent=2, default=str)
   os.replace(path + ".tmp", path)

@@ -8,7 +8,8 @@
 Without --config it is ResNet-50 (configs/imagenet.py) on random images. With
 --data=auto (the default) a config whose dataset must be read from disk (tfds, image
 folders) gets random images of --image_size (default: config.dataset.image_size, else
-224) instead; embedded datasets (MNIST-1D, digits) are used as they are.
+224) instead; datasets held in memory (MNIST-1D, digits, npz, your own) are used as
+they are.
 
 For each variant (each value of --compare, or the config alone) it reports:
 
@@ -125,8 +126,11 @@ def _with_field(config, field: str, value):
 
 def with_data(config, data: str, image_size: int):
   """The config with synthetic images in place of its dataset, if --data asks for it."""
-  from jaxddp.config import EMBEDDED_DATASETS
-  if data == "config" or (data == "auto" and config.dataset.name in EMBEDDED_DATASETS):
+  from jaxddp.data import DATASETS
+  from jaxddp.registry import is_import_path
+  name = config.dataset.name
+  in_memory = (name in DATASETS and name != "image_folder") or is_import_path(name)
+  if data == "config" or (data == "auto" and in_memory):
     return config
   config = config.copy_and_resolve_references()
   size = image_size or config.dataset.image_size or 224

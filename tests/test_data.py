@@ -7,7 +7,7 @@ import pytest
 
 from jaxddp import config as config_lib
 from jaxddp import data, models, optim, parallel, train
-from jaxddp.data import InMemoryDataset, TrainBatches, eval_batches
+from jaxddp.data import ArrayDataset, TrainBatches, eval_batches
 from jaxddp.data.batches import epoch_order
 from jaxddp.state import create_train_state
 
@@ -203,7 +203,7 @@ def test_eval_metrics_are_exact_per_example_averages(eval_setup, backend_name):
   assert backend.name == backend_name
   state = backend.put_state(host_state)
 
-  dataset = InMemoryDataset("eval", test_x, test_y, test_x, test_y, num_classes=10)
+  dataset = ArrayDataset(test_x, test_y, test_x, test_y, num_classes=10, name="eval")
   averages = train.evaluate(backend, state, dataset, recipe)
 
   assert averages["loss"] == pytest.approx(reference["loss"], rel=1e-5)
@@ -248,3 +248,19 @@ def test_prefetch_to_device_reads_only_what_it_yields_and_a_chunk_ahead():
   stream = data.prefetch_to_device(endless(), lambda chunk: chunk, max_batches=4)
   assert [int(next(stream)["y"][0]) for _ in range(3)] == [0, 1, 2]
   assert read == [0, 1, 2, 3]
+
+
+def test_npz_evaluation_is_exact_per_example_averages(eval_setup, tmp_path):
+  """The same test set written to an .npz file (dataset.name=npz) evaluates the same."""
+  config, recipe, schedule, host_state, test_x, test_y, reference = eval_setup
+  path = tmp_path / "data.npz"
+  np.savez(path, x_train=test_x, y_train=test_y, x_test=test_x, y_test=test_y.astype(np.int64))
+  config = config.copy_and_resolve_references()
+  config.dataset.name = "npz"
+  config.dataset.path = str(path)
+  dataset = data.load_dataset(config)
+  assert dataset.num_test_examples == NUM_EVAL and dataset.test_y.dtype == np.int32
+  backend = parallel.create_backend(config, jax.devices()[:8], schedule)
+  averages = train.evaluate(backend, backend.put_state(host_state), dataset, recipe)
+  assert averages["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+  assert averages["accuracy"] == pytest.approx(reference["accuracy"], rel=1e-5)

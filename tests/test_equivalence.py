@@ -19,12 +19,12 @@ from jaxddp import train
 STEPS = 10
 
 
-def _run(config, workdir, *, devices, backend):
+def _run(config, workdir, *, devices, backend, model=None):
   config.parallel.cpu_devices = devices
   config.parallel.backend = backend
   config.train.num_steps = STEPS
   config.train.log_every = 1
-  result = train.train_and_evaluate(config, str(workdir))
+  result = train.train_and_evaluate(config, str(workdir), model=model)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
   assert len(losses) == STEPS
@@ -109,3 +109,41 @@ def test_gradients_are_averaged_not_summed(tiny_config, tmp_path):
                           variables["params"], grads)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
                jax.device_get(result.state.params), jax.device_get(expected))
+
+
+# --- A model of the user's own (tests/user_models.py), as an object and by import path. ---
+
+
+@pytest.fixture(scope="module")
+def user_model_runs(tmp_path_factory):
+  """The user's MLP on 1 and 8 devices (shard_map), 8 on pmap, and by import path."""
+  from user_models import MLP
+  from conftest import make_tiny_config
+  root = tmp_path_factory.mktemp("user_model")
+  runs = {}
+  for key, devices, backend, by_path in [("one", 1, "shard_map", False),
+                                         ("eight", 8, "shard_map", False),
+                                         ("pmap", 8, "pmap", False),
+                                         ("path", 8, "shard_map", True)]:
+    config = make_tiny_config()
+    if by_path:
+      config.model.name = "user_models:MLP"
+    model = None if by_path else MLP(num_classes=10)
+    runs[key] = _run(config, root / key, devices=devices, backend=backend, model=model)
+  return runs
+
+
+def test_user_model_one_device_equals_eight_devices(user_model_runs):
+  _assert_same(user_model_runs["eight"], user_model_runs["one"])
+  losses = user_model_runs["one"][0]
+  assert losses[0] > losses[-1], "the loss should fall over 10 steps"
+
+
+def test_user_model_pmap_equals_shard_map(user_model_runs):
+  _assert_same(user_model_runs["pmap"], user_model_runs["eight"])
+
+
+def test_user_model_by_import_path_equals_the_object(user_model_runs):
+  """The same module built from its import path: the very same numbers."""
+  _assert_same(user_model_runs["path"], user_model_runs["eight"])
+  np.testing.assert_array_equal(user_model_runs["path"][0], user_model_runs["eight"][0])

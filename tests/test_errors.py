@@ -145,3 +145,44 @@ def test_sparsity_schedule_checked_against_the_run(tmp_path):
                     "--config.sparsity.start_step=500", "--config.sparsity.end_step=400")
   _assert_one_line_error(result, "config.sparsity.end_step=400 must be after "
                                  "config.sparsity.start_step=500")
+
+
+# --- Defects found by trying bad input as a new user would (issue 14). ---
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["--config.seed=-5"], ["config.seed=-5 is not valid", "integer in [0, 2**32)"]),
+    (["--config.optimizer.learning_rate=inf"],
+     ["config.optimizer.learning_rate=inf is not valid", "finite number > 0"]),
+    (["--config.optimizer.learning_rate=nan"],
+     ["config.optimizer.learning_rate=nan is not valid", "finite number > 0"]),
+    (["--config.distributed.num_processes=2"],
+     ["config.distributed.num_processes=2 but no coordinator is given",
+      "config.distributed.coordinator_address=HOST:PORT", "scripts/launch_local.py"]),
+], ids=["seed=-5", "learning_rate=inf", "learning_rate=nan", "num_processes=2"])
+def test_bad_values_new_users_tried(tmp_path, overrides, expected):
+  result = _run_bad(tmp_path, *overrides)
+  _assert_one_line_error(result, *expected)
+
+
+USER_MODELS = {"PYTHONPATH": os.path.join(REPO, "tests")}  # tests/user_models.py
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("model.name", "no_such_module:MLP", "config.model.name='no_such_module:MLP': no module "
+                                         "named 'no_such_module'"),
+    ("model.name", "user_models:Missing", "config.model.name='user_models:Missing': module "
+                                          "user_models has no attribute 'Missing'"),
+    ("model.name", "user_models:bad_factory", "bad_factory cannot be called as (config, "
+                                              "num_classes)"),
+    ("model.name", "user_models:NoClasses", "the module NoClasses has no field num_classes"),
+    ("dataset.name", "user_models:mlp_factory", "mlp_factory cannot be called as (config)"),
+    ("train.loss", "user_models:nope", "module user_models has no attribute 'nope'"),
+], ids=["missing module", "missing attribute", "model factory signature", "no num_classes",
+        "dataset factory signature", "missing loss"])
+def test_bad_import_paths(tmp_path, field, value, expected):
+  workdir = tmp_path / "run"
+  result = run_main([CONFIG, f"--workdir={workdir}", f"--config.{field}={value}"],
+                    env=USER_MODELS)
+  _assert_one_line_error(result, expected)
+  assert not workdir.exists()

@@ -63,3 +63,15 @@ def test_sparsity_sweep_quick(tmp_path):
   assert float(rows["swat"]["flops_ratio"]) < float(rows["gradual_magnitude"]["flops_ratio"]) < 1
   with open(tmp_path / "accuracy_vs_sparsity.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_experiments_read_datasets_through_the_interface_only():
+  """A dataset with nothing but the Dataset interface (as a tfds one) sizes the sweep."""
+  from conftest import make_tiny_config
+  from experiments import sparsity_sweep
+  config = make_tiny_config()
+  config.dataset.name = "user_models:InterfaceOnly"
+  config.train.batch_size = 10
+  config.train.num_steps = 0
+  config.train.num_epochs = 3
+  assert sparsity_sweep._total_steps(config) == 30  # 100 examples, 10 per step, 3 epochs

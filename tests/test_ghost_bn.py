@@ -222,7 +222,8 @@ def test_accumulation_updates_running_statistics_micro_batch_by_micro_batch():
   y = np.arange(len(x)) % 2
   variables = model.init(jax.random.key(0), x[:1], train=False)
   state = TrainState.create(apply_fn=model.apply, params=variables["params"],
-                            batch_stats=variables["batch_stats"], tx=optax.sgd(0.1))
+                            batch_stats=variables["batch_stats"], tx=optax.sgd(0.1),
+                            rng=jax.random.key_data(jax.random.key(0)))
   step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=lambda s: 0.1,
                                     accumulation_steps=accumulation),
                   axis_name=steps.AXIS, devices=devices)
@@ -230,7 +231,7 @@ def test_accumulation_updates_running_statistics_micro_batch_by_micro_batch():
   batch = {"x": x.reshape(2, per_device, 5, features), "y": y.reshape(2, per_device)}
   new_state, _ = step(replicate(state), batch)
 
-  start = jax.device_get(variables["batch_stats"]["GhostBatchNorm_0"])
+  start = jax.device_get(variables["batch_stats"]["GhostBatchNorm_0"])  # flax's own name
   ones = np.ones(features)
   per_device_updates = []
   for d in range(2):
@@ -313,10 +314,18 @@ def test_ghost_batches_normalise_like_per_device_batch_norm_on_more_devices(tiny
 
   one_ghost, one_ghost_result = _train_losses(tiny_config.copy_and_resolve_references(),
                                               tmp_path / "one_ghost", 8)
-  np.testing.assert_allclose(one_ghost, local, rtol=1e-5)
-  # The modules are auto-named GhostBatchNorm_i and BatchNorm_i: compare in order.
-  for a, b in zip(jax.tree.leaves(jax.device_get(one_ghost_result.state.batch_stats)),
-                  jax.tree.leaves(jax.device_get(local_result.state.batch_stats)), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # GhostBatchNorm and flax's BatchNorm compute the variance by different formulas. Their
+  # rounding differences (under 1e-6 at step 1) grow where a channel's variance over 8
+  # examples is small: from the initialisation of the explicitly named layers they reached
+  # 2.7e-5 in the loss by step 7, and by step 10 3.3e-5 in a running mean (values up to
+  # 0.5) and 1.3e-4 (relative) in a running variance. Hence 1e-4 for the losses (the bound
+  # of the equivalence tests) and 1e-3 for the statistics after 10 steps, and 1e-6 at
+  # step 1; grouping the examples wrongly changes the loss at step 1 by more than 1e-2.
+  np.testing.assert_allclose(one_ghost, local, rtol=1e-4)
+  assert np.abs(one_ghost[0] - local[0]) / local[0] < 1e-6
+  # The norm layers have the same names (stage1_norm1, ...) whichever class they are.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
+               jax.device_get(one_ghost_result.state.batch_stats),
+               jax.device_get(local_result.state.batch_stats))
   assert one_ghost_result.eval_metrics["loss"] == pytest.approx(
       local_result.eval_metrics["loss"], rel=1e-5)

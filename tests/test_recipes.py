@@ -4,6 +4,7 @@ gradient accumulation, train-longer, and the recipe configs."""
 import json
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import make_tiny_config, run_main
 from jaxddp import config as config_lib
-from jaxddp import models, optim, steps, train
+from jaxddp import losses, models, optim, steps, train
 
 
 def _resolve(config, num_train_examples=4096, num_devices=8):
@@ -181,7 +182,7 @@ def _resnet_params():
 
 def _is_norm_or_bias(path) -> bool:
   names = [p.key for p in path]
-  return names[-1] == "bias" or any(n.startswith("BatchNorm") for n in names)
+  return names[-1] == "bias" or any("norm" in n for n in names)
 
 
 def test_decay_mask_excludes_exactly_norm_parameters_and_biases():
@@ -254,10 +255,13 @@ def test_label_smoothing_loss():
   alpha = 0.2
   log_probs = np.asarray(jax.nn.log_softmax(logits))
   targets = np.full((2, 3), alpha / 3) + (1 - alpha) * np.eye(3)[np.asarray(labels)]
-  expected = -(targets * log_probs).sum(-1).mean()
-  assert float(steps._training_loss(logits, labels, alpha)) == pytest.approx(expected, rel=1e-6)
-  plain = -log_probs[np.arange(2), np.asarray(labels)].mean()
-  assert float(steps._training_loss(logits, labels, 0.0)) == pytest.approx(plain, rel=1e-6)
+  expected = -(targets * log_probs).sum(-1)
+  config = make_tiny_config()
+  config.train.label_smoothing = alpha
+  train_loss, eval_loss = losses.get(config)
+  np.testing.assert_allclose(train_loss(logits, labels), expected, rtol=1e-6)
+  plain = -log_probs[np.arange(2), np.asarray(labels)]
+  np.testing.assert_allclose(eval_loss(logits, labels), plain, rtol=1e-6)  # reported unsmoothed
 
 
 def test_zero_init_residual_zeroes_the_last_norm_of_every_block():
@@ -265,15 +269,15 @@ def test_zero_init_residual_zeroes_the_last_norm_of_every_block():
   config.model.update(name="resnet18", width=4, zero_init_residual=True)
   params = models.create_model(config, 10).init(
       jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)["params"]
-  blocks = [k for k in params if k.startswith("BasicBlock")]
+  blocks = [k for k in params if re.fullmatch(r"stage\d_block\d", k)]
   assert len(blocks) == 8
   for block in blocks:
-    # BatchNorm_1 follows the block's second conv; BatchNorm_2, if any, is the shortcut's.
-    np.testing.assert_array_equal(params[block]["BatchNorm_1"]["scale"], 0.0)
-    np.testing.assert_array_equal(params[block]["BatchNorm_0"]["scale"], 1.0)
-    if "BatchNorm_2" in params[block]:
-      np.testing.assert_array_equal(params[block]["BatchNorm_2"]["scale"], 1.0)
-  np.testing.assert_array_equal(params["BatchNorm_0"]["scale"], 1.0)  # the stem's
+    # norm2 follows the block's second conv; shortcut_norm, if any, is the shortcut's.
+    np.testing.assert_array_equal(params[block]["norm2"]["scale"], 0.0)
+    np.testing.assert_array_equal(params[block]["norm1"]["scale"], 1.0)
+    if "shortcut_norm" in params[block]:
+      np.testing.assert_array_equal(params[block]["shortcut_norm"]["scale"], 1.0)
+  np.testing.assert_array_equal(params["stem_norm"]["scale"], 1.0)
 
 
 # --- The recipe configs. ---

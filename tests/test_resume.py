@@ -3,7 +3,9 @@ an uninterrupted run ends: same parameters, same final metrics.
 
 These run `python -m jaxddp.main` as real processes and stop them with real
 signals: SIGTERM (the run saves a checkpoint and exits 143) and SIGKILL (the run
-dies; the next one resumes from the last periodic checkpoint).
+dies; the next one resumes from the last periodic checkpoint). The built-in CNN has
+no randomness in its step; a user's model with dropout (tests/user_models.py) draws
+new dropout masks at every step, from keys that the resumed run must repeat exactly.
 """
 
 import json
@@ -21,13 +23,15 @@ import pytest
 from conftest import REPO, run_main
 
 TOTAL_STEPS = 1200
+MODELS = {"cnn": [], "dropout": ["--config.model.name=user_models:DropoutCNN"]}
+ENV = {"PYTHONPATH": os.path.join(REPO, "tests")}  # tests/user_models.py
 
 
-def _args(workdir):
+def _args(workdir, model):
   return ["--config=configs/mnist1d.py", f"--workdir={workdir}",
           f"--config.train.num_steps={TOTAL_STEPS}", "--config.train.checkpoint_every=100",
           "--config.train.log_every=100", "--config.model.width=8",
-          "--config.train.batch_size=64", "--config.parallel.cpu_devices=2"]
+          "--config.train.batch_size=64", "--config.parallel.cpu_devices=2", *MODELS[model]]
 
 
 def _final(workdir):
@@ -43,16 +47,24 @@ def _final(workdir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  completed = run_main(_args(workdir))
-  assert completed.returncode == 0, completed.stderr
-  return _final(workdir)
+  """model -> the final metrics and parameters of an uninterrupted run (run once each)."""
+  finals = {}
+
+  def get(model):
+    if model not in finals:
+      workdir = tmp_path_factory.mktemp(f"uninterrupted_{model}")
+      completed = run_main(_args(workdir, model), env=ENV)
+      assert completed.returncode == 0, completed.stderr
+      finals[model] = _final(workdir)
+    return finals[model]
+  return get
 
 
-def _start_and_stop(workdir, sig):
+def _start_and_stop(workdir, sig, model):
   """Starts a run, waits for its first checkpoint, then sends `sig`."""
-  process = subprocess.Popen([sys.executable, "-m", "jaxddp.main", *_args(workdir)], cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen([sys.executable, "-m", "jaxddp.main", *_args(workdir, model)],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **ENV})
   checkpoints = os.path.join(workdir, "checkpoints")
   deadline = time.time() + 240
   while not (os.path.isdir(checkpoints) and
@@ -65,9 +77,11 @@ def _start_and_stop(workdir, sig):
   return process.returncode, stdout, stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_resume_matches_uninterrupted(tmp_path, uninterrupted, sig):
-  returncode, _, stderr = _start_and_stop(tmp_path, sig)
+@pytest.mark.parametrize("sig, model", [(signal.SIGTERM, "cnn"), (signal.SIGKILL, "cnn"),
+                                        (signal.SIGKILL, "dropout")],
+                         ids=["sigterm", "sigkill", "sigkill-dropout"])
+def test_resume_matches_uninterrupted(tmp_path, uninterrupted, sig, model):
+  returncode, _, stderr = _start_and_stop(tmp_path, sig, model)
   if sig == signal.SIGTERM:
     assert returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by SIGTERM" in stderr and "run the same command again" in stderr
@@ -78,11 +92,11 @@ def test_resume_matches_uninterrupted(tmp_path, uninterrupted, sig):
     stopped_at = manager.latest_step()
   assert 0 < stopped_at < TOTAL_STEPS, "the run should have stopped mid-way"
 
-  resumed = run_main(_args(tmp_path))
+  resumed = run_main(_args(tmp_path, model), env=ENV)
   assert resumed.returncode == 0, resumed.stderr
   assert f"resuming from the checkpoint at step {stopped_at}" in resumed.stdout
 
-  expected_eval, expected_params = uninterrupted
+  expected_eval, expected_params = uninterrupted(model)
   got_eval, got_params = _final(tmp_path)
   assert got_eval == expected_eval  # exact: same program, same inputs, same order
   jax.tree.map(np.testing.assert_array_equal, got_params, expected_params)

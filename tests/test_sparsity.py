@@ -251,13 +251,13 @@ def test_global_scope_keeps_the_largest_over_all_layers():
 def test_flops_report_equals_a_hand_count(tiny_config):
   # The CNN at width 2 on MNIST-1D (length 40, 1 channel). Kernel entries W and
   # output positions P of each layer; forward FLOPs 2PW:
-  #   Conv_0 (first, kept dense)  3x1x2  =   6  P 40   480
-  #   MaskedConv_0                3x2x2  =  12  P 40   960
-  #   MaskedConv_1 (after a pool) 3x2x4  =  24  P 20   960
-  #   MaskedConv_2                3x4x4  =  48  P 20  1920
-  #   MaskedConv_3 (after a pool) 3x4x8  =  96  P 10  1920
-  #   MaskedConv_4                3x8x8  = 192  P 10  3840
-  #   MaskedDense_0               8x10   =  80  P  1   160     total 10240
+  #   stage1_conv1 (kept dense)   3x1x2  =   6  P 40   480
+  #   stage1_conv2                3x2x2  =  12  P 40   960
+  #   stage2_conv1 (after a pool) 3x2x4  =  24  P 20   960
+  #   stage2_conv2                3x4x4  =  48  P 20  1920
+  #   stage3_conv1 (after a pool) 3x4x8  =  96  P 10  1920
+  #   stage3_conv2                3x8x8  = 192  P 10  3840
+  #   head                        8x10   =  80  P  1   160     total 10240
   config = tiny_config
   config.model.width = 2
   config.sparsity.method = "swat"
@@ -267,9 +267,9 @@ def test_flops_report_equals_a_hand_count(tiny_config):
   model = models.create_model(config, 10)
   sparse = sparsity.create(config, recipe, model, (40, 1))
   assert [(layer.name, layer.size, layer.positions, layer.masked) for layer in sparse.layers] == [
-      ("Conv_0", 6, 40, False), ("MaskedConv_0", 12, 40, True), ("MaskedConv_1", 24, 20, True),
-      ("MaskedConv_2", 48, 20, True), ("MaskedConv_3", 96, 10, True),
-      ("MaskedConv_4", 192, 10, True), ("MaskedDense_0", 80, 1, True)]
+      ("stage1_conv1", 6, 40, False), ("stage1_conv2", 12, 40, True),
+      ("stage2_conv1", 24, 20, True), ("stage2_conv2", 48, 20, True),
+      ("stage3_conv1", 96, 10, True), ("stage3_conv2", 192, 10, True), ("head", 80, 1, True)]
 
   # Masks keeping the first quarter of each masked kernel.
   masks = {}
@@ -280,7 +280,7 @@ def test_flops_report_equals_a_hand_count(tiny_config):
   masks = traverse_util.unflatten_dict(masks, sep="/")
   report = sparse.report(masks)
   # Sparse forward: 480 + (10240 - 480) / 4 = 2920. Backward dense: 2 x 10240.
-  # SWAT backward: input gradient 2920, kernel gradient 480 (Conv_0, dense) plus
+  # SWAT backward: input gradient 2920, kernel gradient 480 (stage1_conv1, dense) plus
   # (10240 - 480) x (1 - 0.5) = 4880 for the masked layers: 8280.
   assert report["flops/forward_dense"] == 10240
   assert report["flops/forward_sparse"] == 2920
@@ -290,7 +290,7 @@ def test_flops_report_equals_a_hand_count(tiny_config):
   assert report["flops/train_step_sparse"] == (2920 + 8280) * 64
   # Weight sparsity: 458 kernel entries, 6 + (12 + 24 + 48 + 96 + 192 + 80) / 4 = 119 kept.
   assert report["sparsity/total"] == pytest.approx(1 - 119 / 458)
-  assert report["sparsity/MaskedConv_4"] == 0.75 and report["sparsity/Conv_0"] == 0.0
+  assert report["sparsity/stage3_conv2"] == 0.75 and report["sparsity/stage1_conv1"] == 0.0
   # Under pruning the kernel gradient needs only the kept weights: 2920 as well.
   pruned = sparsity.Sparsity(**{**sparse.__dict__, "method": "magnitude"})
   assert pruned.report(masks)["flops/backward_sparse"] == 2920 + 2920
@@ -390,7 +390,8 @@ def test_swat_trains_every_weight(tiny_config, tmp_path):
     # final weights; most of it agrees with the final top-K still.
     top = np.abs(kernel) >= np.sort(np.abs(kernel).ravel())[::-1][int(mask.sum()) - 1]
     assert np.mean(top == (mask == 1)) > 0.8
-  assert "MaskedDense_0" not in _masked(result.state)  # skip_last_layer: a plain Dense
+  masked = _masked(result.state)
+  assert "head" not in masked and "stage3_conv2" in masked  # skip_last_layer: a plain Dense
   final = _metrics(tmp_path)[-1]
   assert final["flops/train_total"] == pytest.approx(12 * final["flops/train_step_sparse"],
                                                      rel=1e-6)

@@ -158,7 +158,8 @@ def test_config_json_holds_config_and_recipe(finished):
   config, workdir, _, _ = finished
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
-  assert set(saved) == {"config", "recipe"}
+  assert set(saved) == {"config", "given", "recipe"}
+  assert saved["given"] == {}  # no model, dataset or loss passed as an object
   assert saved["config"]["model"]["width"] == 8
   assert saved["config"]["train"]["batch_size"] == BATCH
   assert saved["config"]["train"]["num_steps"] == STEPS

@@ -2,11 +2,16 @@
 
 Two kinds, one interface (`Dataset`):
 
-* embedded.InMemoryDataset: MNIST-1D, scikit-learn's digits and synthetic data,
-  held as NumPy arrays; no download and no TensorFlow.
+* arrays.ArrayDataset: NumPy arrays in memory: your own (`ArrayDataset(train_x,
+  train_y, test_x, test_y)`, or dataset.name=npz with dataset.path), MNIST-1D,
+  scikit-learn's digits and synthetic data; no download and no TensorFlow.
 * tfds_pipeline.TfdsDataset: any tfds dataset (CIFAR-10, ImageNet, ...) read from
   config.dataset.data_dir, or a folder of images (name image_folder), through
   tf.data. Only this one imports TensorFlow.
+
+config.dataset.name is a name in the DATASETS registry (a factory `(config) ->
+Dataset` per name; `register` adds yours), an import path `package.module:factory`,
+or else the name of a tfds dataset.
 
 A dataset yields this process's part of each global batch, as NumPy arrays:
 {"x": float32 (batch, *input_shape), "y": int32 (batch,)} for training, plus
@@ -16,17 +21,19 @@ A dataset yields this process's part of each global batch, as NumPy arrays:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Callable, Iterator, Protocol
 
 import ml_collections
 
 from jaxddp.config import ConfigError
 from jaxddp.data import embedded
+from jaxddp.data.arrays import ArrayDataset, load_npz
 from jaxddp.data.batches import Batch, TrainBatches, eval_batches
-from jaxddp.data.embedded import InMemoryDataset
+from jaxddp.registry import Registry, is_import_path, resolve_import_path
 
-__all__ = ["Batch", "Dataset", "InMemoryDataset", "TrainBatches", "eval_batches",
-           "load_dataset", "prefetch_to_device"]
+__all__ = ["ArrayDataset", "Batch", "DATASETS", "Dataset", "TrainBatches", "eval_batches",
+           "load_dataset", "prefetch_to_device", "register"]
 
 
 class Dataset(Protocol):
@@ -50,27 +57,97 @@ class Dataset(Protocol):
     yields the same number of batches (the last ones padded with mask 0)."""
 
 
+DatasetFactory = Callable[[ml_collections.ConfigDict], Dataset]
+DATASETS: Registry[DatasetFactory] = Registry("dataset", "dataset.name")
+_OTHER_NAMES = ", a tfds dataset name, or an import path package.module:factory"
+
+
+def register(name: str) -> Callable[[DatasetFactory], DatasetFactory]:
+  """Registers a factory `(config) -> Dataset` as config.dataset.name=`name`."""
+  return DATASETS.register(name)
+
+
+@register("mnist1d")
+def _mnist1d(config: ml_collections.ConfigDict) -> ArrayDataset:
+  return embedded.mnist1d()
+
+
+@register("digits")
+def _digits(config: ml_collections.ConfigDict) -> ArrayDataset:
+  return embedded.digits()
+
+
+@register("synthetic")
+def _synthetic(config: ml_collections.ConfigDict) -> ArrayDataset:
+  c = config.dataset
+  return embedded.synthetic(tuple(c.synthetic_shape), c.synthetic_num_classes,
+                            c.synthetic_train_size, c.synthetic_test_size, seed=config.seed)
+
+
+@register("npz")
+def _npz(config: ml_collections.ConfigDict) -> ArrayDataset:
+  return load_npz(config.dataset.path)
+
+
+@register("image_folder")
+def _image_folder(config: ml_collections.ConfigDict) -> Dataset:
+  return _tfds(config)
+
+
+def _tfds(config: ml_collections.ConfigDict) -> Dataset:
+  """A tfds dataset or an image folder, through TensorFlow (imported only now)."""
+  try:
+    from jaxddp.data import tfds_pipeline
+  except ModuleNotFoundError as e:
+    if e.name != "tensorflow":
+      raise
+    raise ConfigError(f"config.dataset.name={config.dataset.name!r} is read by tfds through "
+                      "TensorFlow, which is not installed: pip install -e '.[tfds]'") from None
+  return tfds_pipeline.load(config, DATASETS.unknown(config.dataset.name, _OTHER_NAMES))
+
+
+_REQUIRED = ("num_classes", "input_shape", "num_train_examples", "num_test_examples",
+             "train_batches", "eval_batches")
+
+
+def _from_import_path(path: str) -> DatasetFactory:
+  factory = resolve_import_path("dataset.name", path)
+  if not callable(factory):
+    raise ConfigError(f"config.dataset.name={path!r} is a {type(factory).__name__}, not a "
+                      "factory (config) -> Dataset")
+  try:
+    inspect.signature(factory).bind(None)
+  except TypeError:
+    raise ConfigError(f"config.dataset.name={path!r}: {getattr(factory, '__name__', path)} "
+                      "cannot be called as (config); a dataset factory takes exactly (config)"
+                      ) from None
+  except ValueError:  # no signature to inspect: the call decides
+    pass
+  return factory
+
+
+def check_dataset(dataset: object, what: str) -> None:
+  """A one-line error unless `dataset` has what the Dataset interface needs."""
+  missing = [name for name in _REQUIRED if not hasattr(dataset, name)]
+  if missing:
+    raise ConfigError(f"{what} gave a {type(dataset).__name__}, which is not a Dataset: it has "
+                      f"no {', '.join(missing)} (see jaxddp.data.Dataset, or wrap arrays in "
+                      "jaxddp.data.ArrayDataset)")
+
+
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
+  """The dataset config.dataset.name names: registered, an import path, or a tfds name."""
   name = config.dataset.name
-  if name == "mnist1d":
-    dataset = embedded.mnist1d()
-  elif name == "digits":
-    dataset = embedded.digits()
-  elif name == "synthetic":
-    dataset = embedded.synthetic(tuple(config.dataset.synthetic_shape),
-                                 config.dataset.synthetic_num_classes,
-                                 config.dataset.synthetic_train_size,
-                                 config.dataset.synthetic_test_size, seed=config.seed)
-  else:  # a tfds dataset or an image folder
-    try:
-      from jaxddp.data import tfds_pipeline  # imports TensorFlow
-    except ModuleNotFoundError as e:
-      if e.name != "tensorflow":
-        raise
-      raise ConfigError(f"config.dataset.name={name!r} is read by tfds through TensorFlow, "
-                        "which is not installed: pip install -e '.[tfds]'") from None
-    return tfds_pipeline.load(config)
-  return dataclasses.replace(dataset, max_shift=config.dataset.max_shift)
+  if is_import_path(name):
+    dataset = _from_import_path(name)(config)
+    check_dataset(dataset, f"config.dataset.name={name!r}")
+    return dataset
+  if name not in DATASETS:
+    return _tfds(config)
+  dataset = DATASETS[name](config)
+  if isinstance(dataset, ArrayDataset) and config.dataset.max_shift:
+    dataset = dataclasses.replace(dataset, max_shift=config.dataset.max_shift)
+  return dataset
 
 
 def prefetch_to_device(batches: Iterator[Batch], put_many: Callable[[list[Batch]], list],

@@ -26,7 +26,7 @@ from typing import Iterator
 
 import ml_collections
 
-from jaxddp.config import EMBEDDED_DATASETS, ConfigError
+from jaxddp.config import ConfigError
 
 # TensorFlow's start-up messages. TF 2.21 logs "oneDNN custom operations are on" (and
 # absl's "All log messages before absl::InitializeLog()") whatever the log level,
@@ -49,10 +49,11 @@ _MAX_EPOCHS = 2**40
 _EPOCH_BITS = 20  # the shuffle seed of an epoch is seed * 2**20 + epoch
 
 
-def load(config: ml_collections.ConfigDict) -> TfdsDataset:
-  """The dataset config.dataset names: image_folder or a tfds name; errors are ConfigErrors."""
+def load(config: ml_collections.ConfigDict, unknown: ConfigError) -> TfdsDataset:
+  """The dataset config.dataset names: image_folder or a tfds name; errors are ConfigErrors
+  (`unknown` for a name tfds does not know either)."""
   c = config.dataset
-  builder = _builder(c.name, c.data_dir)
+  builder = _builder(c.name, c.data_dir, unknown)
   splits = tuple(builder.info.splits.keys())
   eval_split = c.eval_split or _default_eval_split(c.name, splits)
   for split in (c.train_split, eval_split):
@@ -69,7 +70,7 @@ def _default_eval_split(name: str, splits: tuple[str, ...]) -> str:
   return "test"
 
 
-def _builder(name: str, data_dir: str):
+def _builder(name: str, data_dir: str, unknown: ConfigError):
   if name == "image_folder":
     if not data_dir:
       raise ConfigError("config.dataset.name='image_folder' needs --config.dataset.data_dir=DIR: "
@@ -81,9 +82,7 @@ def _builder(name: str, data_dir: str):
   try:
     return tfds.builder(name, data_dir=data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
-    raise ConfigError(
-        f"config.dataset.name={name!r} is not valid; choose one of: {', '.join(EMBEDDED_DATASETS)}, "
-        "image_folder, or a tfds dataset (https://www.tensorflow.org/datasets/catalog)") from None
+    raise unknown from None
 
 
 def _check_prepared(builder, name: str, split: str, splits: tuple[str, ...]) -> None:

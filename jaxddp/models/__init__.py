@@ -1,103 +1,107 @@
-"""Model registry: config.model -> a Flax module called as model(x, train=...)."""
+"""Models by name: config.model.name -> a Flax module called as model(x, train=...).
+
+The MODELS registry holds a factory `(config, num_classes) -> nn.Module` per name.
+The built-in models register themselves the way a user's model does:
+
+    import jaxddp
+
+    @jaxddp.models.register("mlp")
+    def mlp(config, num_classes):
+      return MLP(num_classes=num_classes)
+
+config.model.name may also be an import path `package.module:attribute`: a Flax module
+class (built with num_classes=) or a factory as above.
+"""
 
 from __future__ import annotations
 
-import functools
-from typing import Any
+import dataclasses
+import inspect
+from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxddp.models.cnn import CNN
-from jaxddp.models.layers import Layers
-from jaxddp.models.resnet import BasicBlock, BottleneckBlock, ResNet
-from jaxddp.nn import GhostBatchNorm, MaskedConv, MaskedDense
+from jaxddp.config import ConfigError
+from jaxddp.registry import Registry, is_import_path, resolve_import_path
 
-RESNETS = {
-    "resnet18": ([2, 2, 2, 2], BasicBlock),
-    "resnet34": ([3, 4, 6, 3], BasicBlock),
-    "resnet50": ([3, 4, 6, 3], BottleneckBlock),
-    "resnet101": ([3, 4, 23, 3], BottleneckBlock),
-    "resnet152": ([3, 8, 36, 3], BottleneckBlock),
-}
+ModelFactory = Callable[[ml_collections.ConfigDict, int], nn.Module]
+MODELS: Registry[ModelFactory] = Registry("model", "model.name")
 
 
-class NoNorm(nn.Module):
-  """config.model.norm = "none": the identity (cast to `dtype` if given), taking a norm
-  layer's arguments."""
-  use_running_average: bool | None = None
-  scale_init: Any = None
-  dtype: Any = None
-
-  def __call__(self, x):
-    return x if self.dtype is None else x.astype(self.dtype)
+def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
+  """Registers a factory `(config, num_classes) -> nn.Module` as config.model.name=`name`."""
+  return MODELS.register(name)
 
 
-def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
-  """config.model.dtype as a dtype: what convolutions, dense and norm layers compute in.
-
-  Parameters stay float32 (every layer keeps param_dtype=float32), and so do the
-  batch-norm running statistics and the models' logits.
-  """
-  return jnp.dtype(config.model.dtype)
-
-
-def norm_layer(config: ml_collections.ConfigDict):
-  """The normalisation layer every built-in model uses, from config.model.
-
-  For batch_norm with sync_batch_stats, the batch statistics are averaged over
-  the "data" axis inside the step (cross-device batch norm); the caller must then
-  run the model inside pmap/shard_map over that axis when training.
-
-  Every norm layer outputs config.model.dtype; batch norm's statistics are computed
-  in float32 and its running averages, scale and bias are float32.
-  """
-  dtype = compute_dtype(config)
-  if config.model.norm == "none":
-    return functools.partial(NoNorm, dtype=dtype)
-  if config.model.norm == "ghost_batch_norm":
-    # No axis_name: train_step averages every running statistic over "data" after
-    # each step already, which is what GhostBatchNorm's axis_name would do per layer.
-    return functools.partial(GhostBatchNorm, ghost_batch_size=config.model.ghost_batch_size,
-                             momentum=config.model.bn_momentum, epsilon=1e-5, dtype=dtype)
-  axis_name = "data" if config.model.sync_batch_stats else None
-  return functools.partial(nn.BatchNorm, momentum=config.model.bn_momentum, epsilon=1e-5,
-                           axis_name=axis_name, dtype=dtype)
+def _from_import_path(path: str) -> ModelFactory:
+  """A factory from `package.module:attribute` (a module class or a factory)."""
+  target = resolve_import_path("model.name", path)
+  if isinstance(target, type) and issubclass(target, nn.Module):
+    fields = {f.name for f in dataclasses.fields(target)}
+    if "num_classes" not in fields:
+      raise ConfigError(f"config.model.name={path!r}: the module {target.__name__} has no field "
+                        "num_classes; add `num_classes: int`, or name a factory "
+                        "(config, num_classes) -> nn.Module instead")
+    return lambda config, num_classes: target(num_classes=num_classes)
+  if not callable(target):
+    raise ConfigError(f"config.model.name={path!r} is a {type(target).__name__}, not a Flax "
+                      "module class or a factory (config, num_classes) -> nn.Module")
+  _check_signature("model.name", path, target, ("config", "num_classes"))
+  return target
 
 
-def layers(config: ml_collections.ConfigDict) -> Layers:
-  """flax's Dense and Conv, or masked ones (jaxddp.nn) for sparse training.
-
-  Under SWAT the masked layers also sparsify their input in the backward pass.
-  skip_first_layer / skip_last_layer keep those layers plain (no mask).
-  Every layer computes in config.model.dtype, with float32 parameters.
-  """
-  sparsity = config.sparsity
-  dtype = {"dtype": compute_dtype(config)}
-  plain_conv = functools.partial(nn.Conv, **dtype)
-  plain_dense = functools.partial(nn.Dense, **dtype)
-  if sparsity.method == "none":
-    return Layers(first=plain_conv, conv=plain_conv, last=plain_dense)
-  swat = {"activation_sparsity": sparsity.activation_sparsity} if sparsity.method == "swat" \
-      else {}
-  conv = functools.partial(MaskedConv, **swat, **dtype)
-  return Layers(first=plain_conv if sparsity.skip_first_layer else conv, conv=conv,
-                last=plain_dense if sparsity.skip_last_layer else
-                functools.partial(MaskedDense, **swat, **dtype))
+def _check_signature(field: str, path: str, function: Callable, arguments: tuple[str, ...]) -> None:
+  try:
+    inspect.signature(function).bind(*arguments)
+  except TypeError:
+    wanted = ", ".join(arguments)
+    raise ConfigError(f"config.{field}={path!r}: {getattr(function, '__name__', path)} cannot be "
+                      f"called as ({wanted}); a factory takes exactly ({wanted})") from None
+  except ValueError:  # no signature (a builtin): let the call decide
+    pass
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """The model config.model.name names (a registered name or an import path)."""
   name = config.model.name
-  norm = norm_layer(config)
-  dtype = compute_dtype(config)
-  if name == "cnn":
-    return CNN(num_classes=num_classes, norm=norm, width=config.model.width,
-               layers=layers(config), dtype=dtype)
-  if name in RESNETS:
-    stage_sizes, block = RESNETS[name]
-    return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes, norm=norm,
-                  width=config.model.width, stem=config.model.stem,
-                  zero_init_residual=config.model.zero_init_residual, layers=layers(config),
-                  dtype=dtype)
-  raise ValueError(f"unknown model {name!r}")  # config.validate catches this first
+  if is_import_path(name):
+    factory = _from_import_path(name)
+  elif name in MODELS:
+    factory = MODELS[name]
+  else:
+    raise MODELS.unknown(name, ", or an import path package.module:attribute")
+  model = factory(config, num_classes)
+  if not isinstance(model, nn.Module):
+    raise ConfigError(f"config.model.name={name!r} gave a {type(model).__name__}, not a Flax "
+                      "module (nn.Module)")
+  return model
+
+
+def check_model(model: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> None:
+  """One-line errors for a model that breaks the contract (README, "Your own model and
+  data"): called as model(x, train=bool), it returns logits (batch, num_classes).
+  From shapes alone (jax.eval_shape): nothing is computed or compiled."""
+  what = type(model).__name__
+  x = jnp.zeros((2, *input_shape), jnp.float32)
+  try:
+    logits, _ = jax.eval_shape(lambda: model.init_with_output(
+        {"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=False))
+  except ConfigError:
+    raise
+  except Exception as error:
+    message = (str(error).strip().splitlines() or [""])[0]
+    raise ConfigError(f"the model {what} fails on inputs of shape (batch, "
+                      f"{', '.join(map(str, input_shape))}) called as model(x, train=...): "
+                      f"{type(error).__name__}: {message}") from None
+  if not hasattr(logits, "shape") or tuple(logits.shape) != (2, num_classes):
+    shape = getattr(logits, "shape", type(logits).__name__)
+    raise ConfigError(f"the model {what} returns {shape} for a batch of 2 examples; it must "
+                      f"return logits of shape (batch, num_classes) = (2, {num_classes})")
+
+
+# The built-in models register themselves on import (after `register` exists).
+from jaxddp.models import cnn, resnet, vit  # noqa: E402,F401
+from jaxddp.models.layers import NORMS, Layers, compute_dtype, layers, norm_layer  # noqa: E402,F401
