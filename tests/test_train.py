@@ -355,6 +355,23 @@ def test_rerunning_a_finished_run_trains_no_more(finished_copy, capsys):
   assert _snapshot(os.path.join(workdir, "checkpoints")) == checkpoints_before
 
 
+def test_rerun_with_a_changed_config_says_what_changed(finished_copy, capsys):
+  """Rerunning with train.num_steps 10 -> 12 changes the cosine schedule mid-run: the
+  run says so, one line per changed field, before it resumes."""
+  config, workdir, _ = finished_copy
+  config.train.num_steps = 12
+  config.train.log_every = 6
+  train.train_and_evaluate(config, workdir)
+  lines = capsys.readouterr().out.splitlines()
+  changed = [line for line in lines if "changed since" in line]
+  assert changed == [
+      "config.train.log_every changed since this workdir's config.json: 5 -> 6",
+      "config.train.num_steps changed since this workdir's config.json: 10 -> 12"]
+  assert lines.index(changed[-1]) < lines.index("resuming from the checkpoint at step 10")
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["config"]["train"]["num_steps"] == 12  # the new config is recorded
+
+
 # --- 3. A checkpoint written with a different config. ---
 
 
