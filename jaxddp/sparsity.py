@@ -354,7 +354,7 @@ def _unflatten(masks: dict[str, jnp.ndarray], like) -> Any:
 
 
 def create(config: ml_collections.ConfigDict, recipe: Recipe, model: nn.Module,
-           input_shape: tuple[int, ...], builtin_model: bool = True) -> Sparsity:
+           input_shape: tuple[int, ...]) -> Sparsity:
   """The run's Sparsity: config.sparsity checked against the run's length and the model.
 
   The masked layers are the model's jaxddp.nn.MaskedDense / MaskedConv: the built-in
@@ -372,10 +372,10 @@ def create(config: ml_collections.ConfigDict, recipe: Recipe, model: nn.Module,
     raise ConfigError(f"{what} must be after config.sparsity.start_step={sp.start_step}")
   layers = tuple(find_layers(model, input_shape))
   if method.masked and not any(layer.masked for layer in layers):
-    why = ("skip_first_layer and skip_last_layer exclude all of them" if builtin_model else
-           "a model of your own sparsifies its jaxddp.nn.MaskedDense / MaskedConv layers")
     raise ConfigError(f"config.sparsity.method={sp.method!r} but the model has no masked layer "
-                      f"to sparsify ({why})")
+                      "to sparsify (a built-in model has none when skip_first_layer and "
+                      "skip_last_layer exclude all; a model of your own needs "
+                      "jaxddp.nn.MaskedDense / MaskedConv layers)")
   return Sparsity(method=sp.method, weight_sparsity=float(sp.weight_sparsity),
                   distribution=sp.distribution, scope=sp.scope, start_step=sp.start_step,
                   end_step=end_step, update_every=sp.update_every, layers=layers,

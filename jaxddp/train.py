@@ -95,7 +95,6 @@ def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
   recipe = config_lib.resolve(config, num_train_examples=dataset.num_train_examples,
                               num_test_examples=dataset.num_test_examples, num_devices=len(devices),
                               num_processes=jax.process_count())
-  builtin_model = model is None and config.model.name in models.MODELS
   if model is None:
     model = models.create_model(config, dataset.num_classes)
   elif not isinstance(model, nn.Module):
@@ -104,7 +103,7 @@ def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
   models.check_model(model, dataset.input_shape, dataset.num_classes)
   train_loss, eval_loss = losses.get(config, loss_fn)
   losses.check(eval_loss, dataset.num_classes)
-  sparse = sparsity.create(config, recipe, model, dataset.input_shape, builtin_model)
+  sparse = sparsity.create(config, recipe, model, dataset.input_shape)
   schedule = optim.learning_rate_schedule(config, recipe)
   tx = optim.create_optimizer(config, schedule)
   backend = parallel.create_backend(config, devices, schedule, sparse, train_loss, eval_loss)

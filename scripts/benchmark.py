@@ -196,13 +196,16 @@ class BareStep(StepTimer):
     batch = next(run.train_batches(0))
     self.batch = jax.device_put((batch["x"], batch["y"]), split)
 
+    # Dropout, if the model has any: one fixed key (the timing does not depend on it).
+    rngs = {"dropout": jax.random.key(1), "params": jax.random.key(2)}
+
     def train_step(state, batch):
       params, batch_stats, opt_state = state
       x, y = batch
 
       def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                      train=True, mutable=["batch_stats"])
+                                      train=True, mutable=["batch_stats"], rngs=rngs)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, updates["batch_stats"]
 

@@ -207,3 +207,22 @@ def test_flops_total_keeps_its_precision_over_a_long_run():
   exact = float(np.sum(np.asarray(per_step, np.float32).astype(np.float64)))
   assert abs(total_flops(pair) - exact) / exact < 1e-9
   assert abs(float(plain) - exact) / exact > 1e-5
+
+
+def test_dropout_draws_new_masks_each_step_and_the_same_for_the_same_step():
+  """The same state and batch: the same step number gives the same loss, another step
+  number another one (dropout is on, and keyed by the step)."""
+  config = make_tiny_config()
+  config.model.name = "user_models:DropoutMLP"
+  config.parallel.cpu_devices = 2
+  run = _quiet(train.setup, config)
+  batch = run.backend.put_batch(next(run.train_batches(0)))
+  host = jax.device_get(run.backend.global_state(run.state))
+
+  def loss_at(step):
+    state = run.backend.put_state(host.replace(step=np.int32(step)))
+    _, metrics = run.backend.train_step(state, batch)
+    return float(jax.device_get(metrics["loss_sum"]).ravel()[0])
+
+  assert loss_at(3) == loss_at(3)
+  assert loss_at(3) != loss_at(4)

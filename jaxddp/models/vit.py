@@ -99,8 +99,11 @@ class ViT(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     spatial = x.shape[1:-1]
     if any(size % self.patch_size for size in spatial):
+      common = math.gcd(*spatial)
+      divisors = [d for d in range(1, common + 1) if common % d == 0]
       raise ConfigError(f"config.model.patch_size={self.patch_size} does not divide the input's "
-                        f"spatial size {'x'.join(map(str, spatial))}; use a divisor")
+                        f"spatial size {'x'.join(map(str, spatial))}; use one of "
+                        f"{', '.join(map(str, divisors))}")
     d = len(spatial)
     x = self.layers.first(self.width, (self.patch_size,) * d, (self.patch_size,) * d,
                           padding="VALID", name="patch_embed")(x.astype(self.dtype))
