@@ -144,16 +144,20 @@ class InitSource:
       raise ConfigError(f"{field} has no checkpoint (no finished checkpoint in "
                         f"{os.path.join(options.workdir, 'checkpoints')})")
     self.manager = _open(os.path.abspath(os.path.join(options.workdir, "checkpoints")))
-    steps = sorted(self.manager.all_steps())
-    self.step = options.step or steps[-1]
-    if self.step not in steps:
-      raise ConfigError(f"config.init_from.step={options.step} is not a checkpoint of "
-                        f"{options.workdir}; it has steps {', '.join(map(str, steps))}")
-    self.metadata = self.manager.item_metadata(self.step).tree
-    for part in self.PARTS:
-      problem = self._first_difference(part, getattr(state, part))
-      if problem:
-        raise ConfigError(f"config.init_from: {problem}")
+    try:
+      steps = sorted(self.manager.all_steps())
+      self.step = options.step or steps[-1]
+      if self.step not in steps:
+        raise ConfigError(f"config.init_from.step={options.step} is not a checkpoint of "
+                          f"{options.workdir}; it has steps {', '.join(map(str, steps))}")
+      self.metadata = self.manager.item_metadata(self.step).tree
+      for part in self.PARTS:
+        problem = self._first_difference(part, getattr(state, part))
+        if problem:
+          raise ConfigError(f"config.init_from: {problem}")
+    except ConfigError:
+      self.manager.close()
+      raise
 
   def describe(self) -> str:
     return f"{self.workdir} at step {self.step}"

@@ -83,10 +83,10 @@ def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
   if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
     raise ConfigError(f"config.seed={seed!r} is not valid; it must be an integer in "
                       "[0, 2**32)")
-  if not dataset_given:
-    if not isinstance(config.dataset.name, str) or not config.dataset.name:
-      raise data.DATASETS.unknown(config.dataset.name,
-                                  ", a tfds dataset name, or an import path package.module:factory")
+  name = config.dataset.name
+  if not dataset_given and (not isinstance(name, str) or not name):
+    raise data.DATASETS.unknown(name, ", a tfds dataset name, or an import path "
+                                "package.module:factory")
   if not model_given:
     _registered(config, "model.name", models.MODELS, import_paths=True)
   if not loss_given:
@@ -145,6 +145,9 @@ def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
     for field in ("dataset.synthetic_num_classes", "dataset.synthetic_train_size",
                   "dataset.synthetic_test_size"):
       _positive(config, field)
+  if not isinstance(config.init_from.workdir, str):
+    raise ConfigError(f"config.init_from.workdir={config.init_from.workdir!r} is not valid; it "
+                      "must be the --workdir of another run, or '' (start from scratch)")
   try:
     re.compile(config.init_from.skip)
   except (re.error, TypeError) as error:

@@ -133,8 +133,10 @@ def launch_settings(config: ml_collections.ConfigDict,
     elif _ompi_ranks(environ) > 1:
       cluster = "ompi"
     elif num_processes is not None and num_processes > 1:
+      field = ("config.distributed.num_processes" if settings.num_processes else
+               "JAX_NUM_PROCESSES")
       raise ConfigError(
-          f"config.distributed.num_processes={num_processes} but no coordinator is given, so "
+          f"{field}={num_processes} but no coordinator is given, so "
           "this process would train alone; set config.distributed.coordinator_address=HOST:PORT "
           "and process_id (or JAX_COORDINATOR_ADDRESS and JAX_PROCESS_ID), or start the "
           "processes with scripts/launch_local.py, srun or mpirun")

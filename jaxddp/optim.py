@@ -26,7 +26,8 @@ from jaxddp.registry import Registry
 # from the peak rate, counting updates from the end of warmup.
 SCHEDULES: Registry[Callable[[ml_collections.ConfigDict, Recipe], optax.Schedule]] = Registry(
     "schedule", "optimizer.schedule")
-# config.optimizer.name -> (config, schedule, decay mask) -> optax transformation.
+# config.optimizer.name -> (config.optimizer, schedule, decay mask) -> optax transformation;
+# the decay mask (a function of the params) says which parameters weight decay applies to.
 OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry(
     "optimizer", "optimizer.name")
 
@@ -81,19 +82,22 @@ def decay_mask(params) -> dict:
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(opt: ml_collections.ConfigDict, schedule: optax.Schedule, decayed) -> optax.GradientTransformation:
+def adamw(opt: ml_collections.ConfigDict, schedule: optax.Schedule,
+          decayed) -> optax.GradientTransformation:
   return optax.adamw(schedule, b1=opt.momentum, weight_decay=opt.weight_decay, mask=decayed)
 
 
 @OPTIMIZERS.register("lars")
-def lars(opt: ml_collections.ConfigDict, schedule: optax.Schedule, decayed) -> optax.GradientTransformation:
+def lars(opt: ml_collections.ConfigDict, schedule: optax.Schedule,
+         decayed) -> optax.GradientTransformation:
   return optax.lars(schedule, weight_decay=opt.weight_decay, weight_decay_mask=decayed,
                     trust_coefficient=opt.trust_coefficient, trust_ratio_mask=decay_mask,
                     momentum=opt.momentum)
 
 
 @OPTIMIZERS.register("lamb")
-def lamb(opt: ml_collections.ConfigDict, schedule: optax.Schedule, decayed) -> optax.GradientTransformation:
+def lamb(opt: ml_collections.ConfigDict, schedule: optax.Schedule,
+         decayed) -> optax.GradientTransformation:
   # optax.lamb applies the trust ratio to every parameter; here it skips the
   # biases and normalisation parameters, as LARS does.
   return optax.chain(optax.scale_by_adam(b1=opt.momentum, b2=0.999, eps=1e-6),

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import make_tiny_config, run_main
 from jaxddp import config as config_lib
-from jaxddp import losses, models, optim, steps, train
+from jaxddp import losses, models, optim, train
 
 
 def _resolve(config, num_train_examples=4096, num_devices=8):

@@ -77,9 +77,10 @@ def _start_and_stop(workdir, sig, model):
   return process.returncode, stdout, stderr
 
 
-@pytest.mark.parametrize("sig, model", [(signal.SIGTERM, "cnn"), (signal.SIGKILL, "cnn"),
-                                        (signal.SIGKILL, "dropout")],
-                         ids=["sigterm", "sigkill", "sigkill-dropout"])
+# SIGKILL with the dropout model covers the CNN's case too (no randomness is the simpler
+# one); each case costs two runs of 1200 steps.
+@pytest.mark.parametrize("sig, model", [(signal.SIGTERM, "cnn"), (signal.SIGKILL, "dropout")],
+                         ids=["sigterm", "sigkill-dropout"])
 def test_resume_matches_uninterrupted(tmp_path, uninterrupted, sig, model):
   returncode, _, stderr = _start_and_stop(tmp_path, sig, model)
   if sig == signal.SIGTERM:

@@ -10,7 +10,6 @@ import io
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import traverse_util
 
