@@ -1,8 +1,10 @@
 """Weight masks, pruning schedules, and the sparsity and FLOPs reports.
 
 The built-in models use jaxddp.nn.MaskedDense / MaskedConv when
-config.sparsity.method != "none"; each holds a mask in the collection "masks"
-(state.masks here). This module decides those masks:
+config.sparsity.method != "none" (a model of your own uses them where it likes);
+each holds a mask in the collection "masks" (state.masks here). This module decides
+those masks. Each method is one entry of the METHODS registry, a `Method` that says
+when its masks change and what a change does:
 
 * magnitude: at start_step, keep the largest-magnitude weights (one shot).
 * gradual_magnitude: the same every update_every steps from start_step to
