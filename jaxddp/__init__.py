@@ -20,7 +20,7 @@ from typing import Any
 __all__ = ["data", "get_config", "models", "nn", "train_and_evaluate"]
 
 _SUBMODULES = ("checkpoint", "config", "data", "distributed", "losses", "metrics", "models",
-               "nn", "optim", "parallel", "sparsity", "state", "steps", "train")
+               "nn", "optim", "parallel", "registry", "sparsity", "state", "steps", "train")
 
 
 def get_config():

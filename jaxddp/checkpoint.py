@@ -140,6 +140,8 @@ class InitSource:
     self.workdir = options.workdir
     self.skip = re.compile(options.skip) if options.skip else None
     field = f"config.init_from.workdir={options.workdir!r}"
+    if not os.path.isdir(options.workdir):
+      raise ConfigError(f"{field} is not a directory (the --workdir of the run to start from)")
     if not has_checkpoint(options.workdir):
       raise ConfigError(f"{field} has no checkpoint (no finished checkpoint in "
                         f"{os.path.join(options.workdir, 'checkpoints')})")

@@ -23,6 +23,10 @@ EPOCHS_SCALINGS = ("none", "linear")
 CLUSTERS = ("auto", "none", "slurm", "ompi", "k8s")
 SPARSITY_DISTRIBUTIONS = ("uniform", "erk")
 SPARSITY_SCOPES = ("layerwise", "global")
+# Numeric fields that must be integers (the range checks name them so).
+INTEGER_FIELDS = ("train.accumulation_steps", "optimizer.reference_batch_size",
+                  "optimizer.warmup_steps", "model.ghost_batch_size", "dataset.image_size",
+                  "dataset.shuffle_buffer", "model.patch_size", "model.depth", "init_from.step")
 
 
 class ConfigError(ValueError):
@@ -53,8 +57,9 @@ def _positive(config: ml_collections.ConfigDict, field: str, allow_zero: bool = 
   ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
       value) and (value >= 0 if allow_zero else value > 0)
   if not ok:
-    wanted = "a finite number >= 0" if allow_zero else "a finite number > 0"
-    raise ConfigError(f"config.{field}={value!r} is not valid; it must be {wanted}")
+    noun = "an integer" if field in INTEGER_FIELDS else "a finite number"
+    raise ConfigError(f"config.{field}={value!r} is not valid; it must be {noun} "
+                      f"{'>=' if allow_zero else '>'} 0")
 
 
 def _fraction(config: ml_collections.ConfigDict, field: str) -> None:
@@ -117,9 +122,7 @@ def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
                 "distributed.hang_timeout", "optimizer.warmup_steps", "optimizer.grad_clip_norm",
                 "train.label_smoothing", "model.depth", "init_from.step"):
     _positive(config, field, allow_zero=True)
-  for field in ("train.accumulation_steps", "optimizer.reference_batch_size",
-                "optimizer.warmup_steps", "model.ghost_batch_size", "dataset.image_size",
-                "dataset.shuffle_buffer", "model.patch_size", "model.depth", "init_from.step"):
+  for field in INTEGER_FIELDS:
     if not isinstance(_get(config, field), int):
       raise ConfigError(f"config.{field}={_get(config, field)!r} is not valid; it must be an "
                         "integer")
@@ -145,9 +148,14 @@ def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
     for field in ("dataset.synthetic_num_classes", "dataset.synthetic_train_size",
                   "dataset.synthetic_test_size"):
       _positive(config, field)
-  if not isinstance(config.init_from.workdir, str):
-    raise ConfigError(f"config.init_from.workdir={config.init_from.workdir!r} is not valid; it "
+  init_from = config.init_from
+  if not isinstance(init_from.workdir, str):
+    raise ConfigError(f"config.init_from.workdir={init_from.workdir!r} is not valid; it "
                       "must be the --workdir of another run, or '' (start from scratch)")
+  for field in ("step", "skip"):
+    if init_from[field] and not init_from.workdir:
+      raise ConfigError(f"config.init_from.{field}={init_from[field]!r} has no effect without "
+                        "config.init_from.workdir (the run to start from)")
   try:
     re.compile(config.init_from.skip)
   except (re.error, TypeError) as error:

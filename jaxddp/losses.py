@@ -42,12 +42,16 @@ def get(config: ml_collections.ConfigDict, loss_fn: LossFn | None = None) -> tup
   config.train.label_smoothing smooths the training cross-entropy only; it is an error
   with any other loss."""
   name = config.train.loss
+  if loss_fn is not None and not callable(loss_fn):
+    raise ConfigError(f"train_and_evaluate(loss_fn={loss_fn!r}) takes a function loss_fn(logits, "
+                      "labels) -> per-example losses; a loss's name goes in config.train.loss")
   if loss_fn is None:
     if is_import_path(name):
       loss_fn = resolve_import_path("train.loss", name)
       if not callable(loss_fn):
-        raise ConfigError(f"config.train.loss={name!r} is a {type(loss_fn).__name__}, not a "
-                          "function loss_fn(logits, labels) -> per-example losses")
+        raise ConfigError(f"config.train.loss={name!r} names an object of type "
+                          f"{type(loss_fn).__name__}, not a function loss_fn(logits, labels) -> "
+                          "per-example losses")
     else:
       loss_fn = LOSSES[name]
   smoothing = config.train.label_smoothing

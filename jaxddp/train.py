@@ -97,9 +97,13 @@ def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
                               num_processes=jax.process_count())
   if model is None:
     model = models.create_model(config, dataset.num_classes)
+  elif isinstance(model, type) and issubclass(model, nn.Module):
+    raise config_lib.ConfigError(f"train_and_evaluate(model=...) got the class {model.__name__}; "
+                                 f"pass an instance, e.g. model={model.__name__}(num_classes="
+                                 f"{dataset.num_classes})")
   elif not isinstance(model, nn.Module):
-    raise config_lib.ConfigError(f"train_and_evaluate(model=...) got a {type(model).__name__}, "
-                                 "not a Flax module (nn.Module)")
+    raise config_lib.ConfigError(f"train_and_evaluate(model=...) got an object of type "
+                                 f"{type(model).__name__}, not a Flax module (nn.Module)")
   models.check_model(model, dataset.input_shape, dataset.num_classes)
   train_loss, eval_loss = losses.get(config, loss_fn)
   losses.check(eval_loss, dataset.num_classes)

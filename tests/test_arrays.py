@@ -80,7 +80,7 @@ def test_bad_npz_from_the_command_line(tmp_path):
     (None, "no such file"),
     ({"x_train": X, "y_train": Y, "x_test": X}, "has no array 'y_test' (it has: x_train, "
                                                 "y_train, x_test); an npz dataset holds x_train,"),
-    ("not an npz file", "could not be read as an .npz file"),
+    ("not an npz file", "is not an .npz file (not a zip archive); write one with numpy.savez"),
 ], ids=["missing file", "missing key", "not npz"])
 def test_npz_file_errors(tmp_path, content, expected):
   from jaxddp.data.arrays import load_npz

@@ -178,8 +178,15 @@ USER_MODELS = {"PYTHONPATH": os.path.join(REPO, "tests")}  # tests/user_models.p
     ("model.name", "user_models:NoClasses", "the module NoClasses has no field num_classes"),
     ("dataset.name", "user_models:mlp_factory", "mlp_factory cannot be called as (config)"),
     ("train.loss", "user_models:nope", "module user_models has no attribute 'nope'"),
+    ("model.name", "user_models:raising_model_factory",
+     "config.model.name='user_models:raising_model_factory': building the model raised "
+     "RuntimeError: boom in the model factory"),
+    ("dataset.name", "user_models:raising_dataset_factory",
+     "config.dataset.name='user_models:raising_dataset_factory': the factory raised "
+     "RuntimeError: boom in the dataset factory"),
 ], ids=["missing module", "missing attribute", "model factory signature", "no num_classes",
-        "dataset factory signature", "missing loss"])
+        "dataset factory signature", "missing loss", "model factory raises",
+        "dataset factory raises"])
 def test_bad_import_paths(tmp_path, field, value, expected):
   workdir = tmp_path / "run"
   result = run_main([CONFIG, f"--workdir={workdir}", f"--config.{field}={value}"],

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import make_tiny_config
 from jaxddp import checkpoint, data, train
+from jaxddp import config as config_lib
 from jaxddp.config import ConfigError
 
 
@@ -133,3 +134,14 @@ def test_another_model_is_one_line_naming_the_first_differing_path(source):
     checkpoint.InitSource(_config(workdir, step=7).init_from, None)
   with pytest.raises(ConfigError, match="has no checkpoint"):
     checkpoint.InitSource(_config(os.path.dirname(workdir)).init_from, None)
+  with pytest.raises(ConfigError, match="is not a directory"):
+    checkpoint.InitSource(_config(workdir + "_missing").init_from, None)
+
+
+@pytest.mark.parametrize("field, value", [("step", 5), ("skip", "head")])
+def test_init_from_options_without_a_source_are_errors(field, value):
+  config = make_tiny_config()
+  config.init_from[field] = value
+  with pytest.raises(ConfigError, match=f"config.init_from.{field}={value!r} has no effect "
+                                        "without config.init_from.workdir"):
+    config_lib.validate(config)

@@ -131,6 +131,16 @@ def test_python_api_with_objects(tmp_path):
   assert saved["config"]["model"]["name"] == "cnn"  # not used: the object was
 
 
+def test_python_api_objects_of_the_wrong_kind(tmp_path):
+  config = make_tiny_config()
+  with pytest.raises(ConfigError, match=r"train_and_evaluate\(model=\.\.\.\) got the class MLP; "
+                                        r"pass an instance, e.g. model=MLP\(num_classes=10\)"):
+    train.setup(config, model=MLP)
+  with pytest.raises(ConfigError, match=r"train_and_evaluate\(loss_fn='cross_entropy'\) takes a "
+                                        r"function .*; a loss's name goes in config.train.loss"):
+    losses.get(config, "cross_entropy")
+
+
 @pytest.mark.parametrize("loss_fn, expected", [
     (lambda logits, labels: jnp.mean(logits), r"returns \(\) for 3 examples; it must return "
                                               r"one loss per example, shape \(3,\)"),

@@ -47,6 +47,14 @@ def bad_factory(config):  # a model factory must take (config, num_classes)
   return MLP(num_classes=10)
 
 
+def raising_model_factory(config, num_classes):
+  raise RuntimeError("boom in the model factory")
+
+
+def raising_dataset_factory(config):
+  raise RuntimeError("boom in the dataset factory")
+
+
 def small_arrays(config):
   """A dataset factory: 100 training and 37 test examples of 3 classes."""
   rng = np.random.default_rng(0)

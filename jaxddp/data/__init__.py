@@ -113,8 +113,8 @@ _REQUIRED = ("num_classes", "input_shape", "num_train_examples", "num_test_examp
 def _from_import_path(path: str) -> DatasetFactory:
   factory = resolve_import_path("dataset.name", path)
   if not callable(factory):
-    raise ConfigError(f"config.dataset.name={path!r} is a {type(factory).__name__}, not a "
-                      "factory (config) -> Dataset")
+    raise ConfigError(f"config.dataset.name={path!r} names an object of type "
+                      f"{type(factory).__name__}, not a factory (config) -> Dataset")
   try:
     inspect.signature(factory).bind(None)
   except TypeError:
@@ -124,6 +124,10 @@ def _from_import_path(path: str) -> DatasetFactory:
   except ValueError:  # no signature to inspect: the call decides
     pass
   return factory
+
+
+def _first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [""])[0]
 
 
 def check_dataset(dataset: object, what: str) -> None:
@@ -139,7 +143,14 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   """The dataset config.dataset.name names: registered, an import path, or a tfds name."""
   name = config.dataset.name
   if is_import_path(name):
-    dataset = _from_import_path(name)(config)
+    factory = _from_import_path(name)
+    try:
+      dataset = factory(config)
+    except ConfigError:
+      raise
+    except Exception as error:  # the user's factory failed: say where, in one line
+      raise ConfigError(f"config.dataset.name={name!r}: the factory raised "
+                        f"{type(error).__name__}: {_first_line(error)}") from None
     check_dataset(dataset, f"config.dataset.name={name!r}")
     return dataset
   if name not in DATASETS:

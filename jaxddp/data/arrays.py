@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from typing import Iterator
 
 import numpy as np
@@ -141,6 +142,9 @@ def load_npz(path: str) -> ArrayDataset:
                       f"with the arrays {', '.join(NPZ_KEYS)} (numpy.savez)")
   if not os.path.isfile(path):
     raise ConfigError(f"{field}: no such file")
+  if not zipfile.is_zipfile(path):
+    raise ConfigError(f"{field} is not an .npz file (not a zip archive); write one with "
+                      f"numpy.savez(path, {'=..., '.join(NPZ_KEYS)}=...)")
   try:
     with np.load(path, allow_pickle=False) as arrays:
       missing = [key for key in NPZ_KEYS if key not in arrays.files]

@@ -47,8 +47,9 @@ def _from_import_path(path: str) -> ModelFactory:
                         "(config, num_classes) -> nn.Module instead")
     return lambda config, num_classes: target(num_classes=num_classes)
   if not callable(target):
-    raise ConfigError(f"config.model.name={path!r} is a {type(target).__name__}, not a Flax "
-                      "module class or a factory (config, num_classes) -> nn.Module")
+    raise ConfigError(f"config.model.name={path!r} names an object of type "
+                      f"{type(target).__name__}, not a Flax module class or a factory "
+                      "(config, num_classes) -> nn.Module")
   _check_signature("model.name", path, target, ("config", "num_classes"))
   return target
 
@@ -73,7 +74,16 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
     factory = MODELS[name]
   else:
     raise MODELS.unknown(name, ", or an import path package.module:attribute")
-  model = factory(config, num_classes)
+  try:
+    model = factory(config, num_classes)
+  except ConfigError:
+    raise
+  except Exception as error:  # the user's factory (or class) failed: say where, in one line
+    if not is_import_path(name):
+      raise
+    message = (str(error).strip().splitlines() or [""])[0]
+    raise ConfigError(f"config.model.name={name!r}: building the model raised "
+                      f"{type(error).__name__}: {message}") from None
   if not isinstance(model, nn.Module):
     raise ConfigError(f"config.model.name={name!r} gave a {type(model).__name__}, not a Flax "
                       "module (nn.Module)")
