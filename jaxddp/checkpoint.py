@@ -93,8 +93,7 @@ class Checkpointer:
     saved = self.manager.item_metadata(step).tree
     if "rng" not in saved:
       raise ConfigError(f"the checkpoint in {self.directory} was written by an older jaxddp (it "
-                        "has no rng or train_flops); use a new --workdir, or start from its "
-                        "weights with config.init_from.workdir")
+                        "has no rng or train_flops); use a new --workdir")
     for part in ("params", "batch_stats", "masks"):
       problem = _first_difference(_shapes(saved.get(part, {})), _shapes(getattr(state, part)))
       if problem:
