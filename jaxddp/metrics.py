@@ -61,20 +61,6 @@ class MetricWriter:
       self._tensorboard.close()
 
 
-def read_scalar(workdir: str, name: str, step: int) -> float | None:
-  """The last value of `name` written at `step` to workdir/metrics.jsonl, if any."""
-  value = None
-  try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      for line in f:
-        record = json.loads(line)
-        if record.get("step") == step and name in record:
-          value = record[name]
-  except (FileNotFoundError, json.JSONDecodeError):
-    return value
-  return value
-
-
 class Progress:
   """A progress bar on a terminal, plain periodic lines otherwise (logs, CI, pipes)."""
 
