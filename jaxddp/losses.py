@@ -17,7 +17,7 @@ import ml_collections
 import optax
 
 from jaxddp.config import ConfigError
-from jaxddp.registry import Registry, is_import_path, resolve_import_path
+from jaxddp.registry import Registry, first_line, is_import_path, resolve_import_path
 
 LossFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 LOSSES: Registry[LossFn] = Registry("loss", "train.loss")
@@ -72,10 +72,9 @@ def check(loss_fn: LossFn, num_classes: int) -> None:
   try:
     losses = jax.eval_shape(loss_fn, logits, labels)
   except Exception as error:
-    message = (str(error).strip().splitlines() or [""])[0]
     raise ConfigError(f"the loss {what}(logits, labels) fails on logits of shape (3, "
                       f"{num_classes}) and labels of shape (3,): {type(error).__name__}: "
-                      f"{message}") from None
+                      f"{first_line(error)}") from None
   if getattr(losses, "shape", None) != (3,):
     raise ConfigError(f"the loss {what}(logits, labels) returns "
                       f"{getattr(losses, 'shape', type(losses).__name__)} for 3 examples; it "

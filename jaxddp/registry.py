@@ -14,6 +14,7 @@ may also be named by an import path, `package.module:attribute` (resolve_import_
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from typing import Any, Callable, Generic, Iterator, TypeVar
@@ -61,6 +62,24 @@ class Registry(Generic[T]):
     if name not in self._entries:
       raise self.unknown(name)
     return self._entries[name]
+
+
+def first_line(error: BaseException) -> str:
+  """An exception's message cut to its first line (for one-line errors)."""
+  return (str(error).strip().splitlines() or [""])[0]
+
+
+def check_signature(field: str, path: str, function: Callable, arguments: tuple[str, ...]) -> None:
+  """A one-line ConfigError unless `function` (named by config.`field`=`path`) can be called
+  with exactly `arguments`; a function without an inspectable signature passes."""
+  try:
+    inspect.signature(function).bind(*arguments)
+  except TypeError:
+    wanted = ", ".join(arguments)
+    raise ConfigError(f"config.{field}={path!r}: {getattr(function, '__name__', path)} cannot be "
+                      f"called as ({wanted}); a factory takes exactly ({wanted})") from None
+  except ValueError:  # no signature (a builtin): the call decides
+    pass
 
 
 def is_import_path(name: object) -> bool:

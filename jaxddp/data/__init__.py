@@ -21,7 +21,6 @@ A dataset yields this process's part of each global batch, as NumPy arrays:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Callable, Iterator, Protocol
 
 import ml_collections
@@ -30,7 +29,8 @@ from jaxddp.config import ConfigError
 from jaxddp.data import embedded
 from jaxddp.data.arrays import ArrayDataset, load_npz
 from jaxddp.data.batches import Batch, TrainBatches, eval_batches
-from jaxddp.registry import Registry, is_import_path, resolve_import_path
+from jaxddp.registry import (Registry, check_signature, first_line, is_import_path,
+                             resolve_import_path)
 
 __all__ = ["ArrayDataset", "Batch", "DATASETS", "Dataset", "TrainBatches", "eval_batches",
            "load_dataset", "prefetch_to_device", "register"]
@@ -115,19 +115,8 @@ def _from_import_path(path: str) -> DatasetFactory:
   if not callable(factory):
     raise ConfigError(f"config.dataset.name={path!r} names an object of type "
                       f"{type(factory).__name__}, not a factory (config) -> Dataset")
-  try:
-    inspect.signature(factory).bind(None)
-  except TypeError:
-    raise ConfigError(f"config.dataset.name={path!r}: {getattr(factory, '__name__', path)} "
-                      "cannot be called as (config); a dataset factory takes exactly (config)"
-                      ) from None
-  except ValueError:  # no signature to inspect: the call decides
-    pass
+  check_signature("dataset.name", path, factory, ("config",))
   return factory
-
-
-def _first_line(error: Exception) -> str:
-  return (str(error).strip().splitlines() or [""])[0]
 
 
 def check_dataset(dataset: object, what: str) -> None:
@@ -150,7 +139,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
       raise
     except Exception as error:  # the user's factory failed: say where, in one line
       raise ConfigError(f"config.dataset.name={name!r}: the factory raised "
-                        f"{type(error).__name__}: {_first_line(error)}") from None
+                        f"{type(error).__name__}: {first_line(error)}") from None
     check_dataset(dataset, f"config.dataset.name={name!r}")
     return dataset
   if name not in DATASETS:

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxddp.config import ConfigError
 from jaxddp.data.batches import Batch, TrainBatches, eval_batches
+from jaxddp.registry import first_line
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -156,8 +157,7 @@ def load_npz(path: str) -> ArrayDataset:
   except ConfigError:
     raise
   except Exception as error:  # not a zip file, a pickled array, ...
-    message = (str(error).strip().splitlines() or [""])[0]
     raise ConfigError(f"{field} could not be read as an .npz file: {type(error).__name__}: "
-                      f"{message}") from None
+                      f"{first_line(error)}") from None
   checked = checked_arrays(x_train, y_train, x_test, y_test, names=NPZ_KEYS, prefix=f"{field}: ")
   return ArrayDataset(*checked, name="npz")

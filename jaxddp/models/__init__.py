@@ -16,7 +16,6 @@ class (built with num_classes=) or a factory as above.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Callable
 
 import flax.linen as nn
@@ -25,7 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxddp.config import ConfigError
-from jaxddp.registry import Registry, is_import_path, resolve_import_path
+from jaxddp.registry import (Registry, check_signature, first_line, is_import_path,
+                             resolve_import_path)
 
 ModelFactory = Callable[[ml_collections.ConfigDict, int], nn.Module]
 MODELS: Registry[ModelFactory] = Registry("model", "model.name")
@@ -50,19 +50,8 @@ def _from_import_path(path: str) -> ModelFactory:
     raise ConfigError(f"config.model.name={path!r} names an object of type "
                       f"{type(target).__name__}, not a Flax module class or a factory "
                       "(config, num_classes) -> nn.Module")
-  _check_signature("model.name", path, target, ("config", "num_classes"))
+  check_signature("model.name", path, target, ("config", "num_classes"))
   return target
-
-
-def _check_signature(field: str, path: str, function: Callable, arguments: tuple[str, ...]) -> None:
-  try:
-    inspect.signature(function).bind(*arguments)
-  except TypeError:
-    wanted = ", ".join(arguments)
-    raise ConfigError(f"config.{field}={path!r}: {getattr(function, '__name__', path)} cannot be "
-                      f"called as ({wanted}); a factory takes exactly ({wanted})") from None
-  except ValueError:  # no signature (a builtin): let the call decide
-    pass
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -81,9 +70,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
   except Exception as error:  # the user's factory (or class) failed: say where, in one line
     if not is_import_path(name):
       raise
-    message = (str(error).strip().splitlines() or [""])[0]
     raise ConfigError(f"config.model.name={name!r}: building the model raised "
-                      f"{type(error).__name__}: {message}") from None
+                      f"{type(error).__name__}: {first_line(error)}") from None
   if not isinstance(model, nn.Module):
     raise ConfigError(f"config.model.name={name!r} gave a {type(model).__name__}, not a Flax "
                       "module (nn.Module)")
@@ -102,10 +90,9 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], num_classes: int
   except ConfigError:
     raise
   except Exception as error:
-    message = (str(error).strip().splitlines() or [""])[0]
     raise ConfigError(f"the model {what} fails on inputs of shape (batch, "
                       f"{', '.join(map(str, input_shape))}) called as model(x, train=...): "
-                      f"{type(error).__name__}: {message}") from None
+                      f"{type(error).__name__}: {first_line(error)}") from None
   if not hasattr(logits, "shape") or tuple(logits.shape) != (2, num_classes):
     shape = getattr(logits, "shape", type(logits).__name__)
     raise ConfigError(f"the model {what} returns {shape} for a batch of 2 examples; it must "
