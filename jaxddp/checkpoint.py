@@ -16,34 +16,19 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from jaxddp.config import ConfigError
 from jaxddp.state import TrainState, checkpoint_items, with_checkpoint_items
 
 
-def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+def _leaves(tree: Any) -> dict[str, Any]:
   """{"stage1_conv1/kernel": leaf, ...} for a nested dict of arrays or array metadata."""
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_leaves(value, f"{prefix}{key}/"))
-    return out
-  return {prefix.rstrip("/"): tree}
+  return traverse_util.flatten_dict(tree, sep="/") if tree else {}
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return {path: tuple(leaf.shape) for path, leaf in _leaves(tree).items()}
-
-
-def _unflatten(leaves: dict[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, leaf in leaves.items():
-    *parents, name = path.split("/")
-    node = tree
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[name] = leaf
-  return tree
 
 
 def _open(directory: str) -> ocp.CheckpointManager:
@@ -197,8 +182,9 @@ class InitSource:
     def merged(part: str) -> Any:
       loaded = _leaves(items.get(part, {}))
       fresh = _leaves(getattr(state, part))
-      return _unflatten({path: loaded[path] if path in loaded and not self._skipped(path)
-                         else value for path, value in fresh.items()})
+      kept = {path: loaded[path] if path in loaded and not self._skipped(path) else value
+              for path, value in fresh.items()}
+      return traverse_util.unflatten_dict(kept, sep="/") if kept else {}
 
     return state.replace(**{part: merged(part) for part in self.PARTS})
 
