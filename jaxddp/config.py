@@ -23,10 +23,12 @@ EPOCHS_SCALINGS = ("none", "linear")
 CLUSTERS = ("auto", "none", "slurm", "ompi", "k8s")
 SPARSITY_DISTRIBUTIONS = ("uniform", "erk")
 SPARSITY_SCOPES = ("layerwise", "global")
+DYNAMIC_PRUNING = ("none", "infobatch")
 # Numeric fields that must be integers (the range checks name them so).
 INTEGER_FIELDS = ("train.accumulation_steps", "optimizer.reference_batch_size",
                   "optimizer.warmup_steps", "model.ghost_batch_size", "dataset.image_size",
-                  "dataset.shuffle_buffer", "model.patch_size", "model.depth", "init_from.step")
+                  "dataset.shuffle_buffer", "model.patch_size", "model.depth", "init_from.step",
+                  "dataset.num_train_examples")
 
 
 class ConfigError(ValueError):
@@ -120,7 +122,8 @@ def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
                 "train.eval_batch_size", "optimizer.weight_decay", "optimizer.warmup_epochs",
                 "parallel.cpu_devices", "dataset.max_shift", "dataset.image_size", "distributed.num_processes",
                 "distributed.hang_timeout", "optimizer.warmup_steps", "optimizer.grad_clip_norm",
-                "train.label_smoothing", "model.depth", "init_from.step"):
+                "train.label_smoothing", "model.depth", "init_from.step",
+                "dataset.num_train_examples"):
     _positive(config, field, allow_zero=True)
   for field in INTEGER_FIELDS:
     if not isinstance(_get(config, field), int):
@@ -162,6 +165,48 @@ def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
     raise ConfigError(f"config.init_from.skip={config.init_from.skip!r} is not a regular "
                       f"expression: {error}") from None
   _validate_sparsity(config)
+  _validate_data_pruning(config)
+
+
+def _validate_data_pruning(config: ml_collections.ConfigDict) -> None:
+  from jaxddp.pruning import scores, select
+  dp = config.data_pruning
+  _registered(config, "data_pruning.score", scores.SCORES)
+  _choice(config, "data_pruning.policy", select.POLICIES)
+  _choice(config, "data_pruning.dynamic", DYNAMIC_PRUNING)
+  for field in ("num_runs", "num_clusters", "chunk_size"):
+    value = dp[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(f"config.data_pruning.{field}={value!r} is not valid; it must be an "
+                        "integer >= 1")
+  _positive(config, "data_pruning.score_epochs", allow_zero=True)
+  for field in ("ccs_drop_fraction", "prune_ratio"):
+    _fraction(config, f"data_pruning.{field}")
+  keep = dp.keep_fraction
+  if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+    raise ConfigError(f"config.data_pruning.keep_fraction={keep!r} is not valid; it must be a "
+                      "fraction in (0, 1]")
+  anneal = dp.anneal_fraction
+  if isinstance(anneal, bool) or not isinstance(anneal, (int, float)) or not 0 <= anneal <= 1:
+    raise ConfigError(f"config.data_pruning.anneal_fraction={anneal!r} is not valid; it must "
+                      "be a fraction in [0, 1]")
+  if not isinstance(dp.scores, str):
+    raise ConfigError(f"config.data_pruning.scores={dp.scores!r} is not valid; it must be the "
+                      "path of a scores .npy file (written by `python -m jaxddp.score`) or ''")
+  if (dp.scores or keep < 1) and dp.dynamic != "none":
+    raise ConfigError("config.data_pruning: a static subset (scores, keep_fraction) and dynamic "
+                      "pruning cannot be combined; use one of them")
+  if keep < 1 and not dp.scores and dp.policy != "random":
+    raise ConfigError(f"config.data_pruning.keep_fraction={keep} needs the scores to choose "
+                      "by: --config.data_pruning.scores=W/scores/<score>.npy (python -m "
+                      "jaxddp.score writes them), or policy=random")
+  if dp.policy == "ccs" and keep > 1 - dp.ccs_drop_fraction:
+    raise ConfigError(f"config.data_pruning.keep_fraction={keep} is more than what ccs keeps "
+                      f"after dropping the hardest ccs_drop_fraction={dp.ccs_drop_fraction}; "
+                      f"use keep_fraction <= {1 - dp.ccs_drop_fraction:g}")
+  if config.dataset.num_train_examples and config.dataset.name != "mnist1d":
+    raise ConfigError(f"config.dataset.num_train_examples={config.dataset.num_train_examples} "
+                      "is only for dataset.name=mnist1d (it generates any number)")
 
 
 def _validate_sparsity(config: ml_collections.ConfigDict) -> None:
@@ -211,6 +256,7 @@ class Recipe:
   schedule: str
   decay_steps: tuple[int, ...]  # step schedule: updates after which the LR is multiplied
   eval_steps: int
+  data_pruning: str = "none"  # what data pruning does (jaxddp.pruning.describe)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

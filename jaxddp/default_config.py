@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Training-time augmentation of embedded 1-D signals: random circular shift of
   # up to this many positions (0 disables it).
   config.dataset.max_shift = 0
+  # mnist1d only: the number of training examples (0 = the standard 4000). More
+  # than 4000 adds freshly generated examples (cached); the test set stays the
+  # standard 1000.
+  config.dataset.num_train_examples = 0
   # Only for name=synthetic: shape of one example (channels last), number of
   # classes, and the number of train and test examples.
   config.dataset.synthetic_shape = (32, 32, 3)
@@ -219,6 +223,45 @@ def get_config() -> ml_collections.ConfigDict:
   # A regular expression of parameter paths (e.g. "head" or "^head/|stage4") that keep
   # their fresh initial values instead, e.g. a new head for another number of classes.
   config.init_from.skip = ""
+
+  # Data pruning (see README, "Data pruning", and docs/data_pruning.md).
+  config.data_pruning = ml_collections.ConfigDict()
+  # --- Scoring, by `python -m jaxddp.score`: writes workdir/scores/<score>.npy, one
+  # float32 per training example in the dataset's index order, higher = harder.
+  # el2n: ||softmax - onehot|| after score_epochs of training, averaged over
+  # num_runs runs (Paul et al. 2021); grand: the norm of each example's loss
+  # gradient at score_epochs (0 = at initialisation), averaged over num_runs runs;
+  # forgetting: forgetting events over a whole training run (Toneva et al. 2019;
+  # never-learned examples rank hardest); prototype: cosine distance to the nearest
+  # of num_clusters k-means centroids of the penultimate embeddings of the run in
+  # config.init_from.workdir (Sorscher et al. 2022; no labels); random.
+  config.data_pruning.score = "el2n"
+  config.data_pruning.num_runs = 4
+  config.data_pruning.score_epochs = 2.0
+  config.data_pruning.num_clusters = 10
+  # grand only: examples per vmapped gradient computation on each device (memory is
+  # this many copies of the gradients).
+  config.data_pruning.chunk_size = 32
+  # --- Training on a static subset: a scores file ('' = all the data), the fraction
+  # of the training examples kept, and which: hard (the highest scores), easy (the
+  # lowest), random, or ccs (Zheng et al. 2023: drop the hardest ccs_drop_fraction,
+  # then spread the budget evenly over 50 equal-width score strata). class_balance:
+  # keep keep_fraction of every class. policy=random needs no scores.
+  config.data_pruning.scores = ""
+  config.data_pruning.keep_fraction = 1.0
+  config.data_pruning.policy = "hard"
+  config.data_pruning.ccs_drop_fraction = 0.1
+  config.data_pruning.class_balance = False
+  # --- Dynamic pruning: none, or infobatch (Qin et al. 2024): each epoch, a random
+  # prune_ratio of the examples whose last loss is below the mean are skipped and
+  # the other low-loss ones weigh 1/(1 - prune_ratio); from anneal_fraction of the
+  # epochs on, all the data with weight 1.
+  config.data_pruning.dynamic = "none"
+  config.data_pruning.prune_ratio = 0.5
+  config.data_pruning.anneal_fraction = 0.875
+  # Count forgetting events per example during training (kept in the checkpoints;
+  # `jaxddp.score` with score=forgetting turns it on for its run).
+  config.data_pruning.track_forgetting = False
 
   config.parallel = ml_collections.ConfigDict()
   # How the per-device step is mapped over devices: shard_map or pmap.

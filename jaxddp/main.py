@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import Any, Callable
 
 from absl import flags
 from ml_collections import config_flags
@@ -55,7 +56,9 @@ def _make_config_package_importable(argv: list[str]) -> None:
         sys.path.insert(0, os.path.dirname(config_dir))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, command: Callable[[Any, str], Any] | None = None) -> None:
+  """Parses the flags, joins a multi-process run, then runs `command(config, workdir)`
+  (default: train.train_and_evaluate; jaxddp.score passes its own) with one-line errors."""
   argv = list(sys.argv if argv is None else argv)
   _make_config_package_importable(argv)
   try:
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parallel.set_cpu_device_count(config.parallel.cpu_devices)  # before JAX starts
     launch = distributed.launch_settings(config)
     distributed.initialize(launch, config)
-    train.train_and_evaluate(config, _WORKDIR.value)
+    (command or train.train_and_evaluate)(config, _WORKDIR.value)
   except config_lib.ConfigError as error:
     _fail(str(error), 2, label())
   except (distributed.DistributedError, train.NonFiniteLossError) as error:

@@ -120,14 +120,25 @@ OPTIMIZERS.register("momentum")(_sgd(momentum=True, nesterov=False))
 OPTIMIZERS.register("nesterov")(_sgd(momentum=True, nesterov=True))
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     schedule: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule, *,
+                     injected: bool = False) -> optax.GradientTransformation:
   """The configured optimizer, with weight decay and trust ratios masked to the weights,
-  after global-norm clipping if config.optimizer.grad_clip_norm > 0."""
+  after global-norm clipping if config.optimizer.grad_clip_norm > 0.
+
+  injected=True: the learning rate is not the schedule of the update count but a
+  value in the optimizer state (optax.inject_hyperparams), which the training step
+  sets from the run's progress (dynamic data pruning, whose epochs vary in length).
+  """
   opt = config.optimizer
   decayed = (lambda params: jax.tree.map(lambda _: True, params)) if opt.decay_norm_and_bias \
       else decay_mask
-  tx = OPTIMIZERS[opt.name](opt, schedule, decayed)
-  if opt.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
-  return tx
+
+  def make(learning_rate) -> optax.GradientTransformation:
+    tx = OPTIMIZERS[opt.name](opt, learning_rate, decayed)
+    if opt.grad_clip_norm > 0:
+      tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+    return tx
+
+  if injected:
+    return optax.inject_hyperparams(make)(learning_rate=schedule(0))
+  return make(schedule)

@@ -93,6 +93,13 @@ class _Backend:
   def eval_step(self, state: TrainState, batch: dict) -> dict:
     return self._eval_step(state, batch)
 
+  def map_replicated(self, step: Callable) -> Callable:
+    """A per-device `step(state, batch)` whose outputs are the same on every device (a
+    psum's, say), mapped like eval_step; the mapped function returns this process's
+    copy of the outputs as NumPy arrays."""
+    mapped = self._map(step)
+    return lambda state, batch: jax.tree.map(self._host_copy, mapped(state, batch))
+
 
 class ShardMapBackend(_Backend):
   name = "shard_map"
@@ -108,6 +115,14 @@ class ShardMapBackend(_Backend):
         donate_argnums=0)
     self._eval_step = jax.jit(
         jax.shard_map(eval_step, mesh=self.mesh, in_specs=(P(), data), out_specs=P()))
+
+  def _map(self, step: Callable) -> Callable:
+    return jax.jit(jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(steps.AXIS)),
+                                 out_specs=P()))
+
+  @staticmethod
+  def _host_copy(x: jax.Array) -> np.ndarray:
+    return np.asarray(x.addressable_data(0))
 
   def put_state(self, state: TrainState) -> TrainState:
     return jax.tree.map(lambda x: _replicate(x, self._replicated), state)
@@ -128,6 +143,7 @@ class PmapBackend(_Backend):
   def __init__(self, devices: list[jax.Device], train_step: Callable, eval_step: Callable):
     # pmap runs over every device of every process (its collectives span them all);
     # each process feeds its own devices, along the leading axis of its arrays.
+    self.devices = devices
     self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
     self.num_devices = len(devices)
     local_mesh = Mesh(np.asarray(self.local_devices), (steps.AXIS,), axis_types=(AxisType.Auto,))
@@ -137,6 +153,13 @@ class PmapBackend(_Backend):
     self._train_step = jax.pmap(train_step, axis_name=steps.AXIS, devices=devices,
                                 donate_argnums=0)
     self._eval_step = jax.pmap(eval_step, axis_name=steps.AXIS, devices=devices)
+
+  def _map(self, step: Callable) -> Callable:
+    return jax.pmap(step, axis_name=steps.AXIS, devices=self.devices)
+
+  @staticmethod
+  def _host_copy(x: jax.Array) -> np.ndarray:
+    return np.asarray(x.addressable_shards[0].data)[0]  # (1, ...): device 0's copy
 
   def put_state(self, state: TrainState) -> TrainState:
     n = len(self.local_devices)
@@ -173,12 +196,14 @@ BACKENDS = {"shard_map": ShardMapBackend, "pmap": PmapBackend}
 def create_backend(config: ml_collections.ConfigDict, devices: list[jax.Device],
                    learning_rate_fn: Callable, sparsity: Sparsity | None = None,
                    train_loss: LossFn = losses.cross_entropy,
-                   eval_loss: LossFn = losses.cross_entropy) -> Backend:
+                   eval_loss: LossFn = losses.cross_entropy,
+                   schedule_step: Callable | None = None) -> Backend:
   """config.parallel.backend's backend, running jaxddp.steps with the run's schedule,
-  sparsity and losses (train_loss is minimised, eval_loss reported)."""
+  sparsity and losses (train_loss is minimised, eval_loss reported); schedule_step:
+  see steps.train_step."""
   train_step = functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn,
                                  train_loss=train_loss, eval_loss=eval_loss,
                                  accumulation_steps=config.train.accumulation_steps,
-                                 sparsity=sparsity)
+                                 sparsity=sparsity, schedule_step=schedule_step)
   eval_step = functools.partial(steps.eval_step, loss_fn=eval_loss)
   return BACKENDS[config.parallel.backend](devices, train_step, eval_step)

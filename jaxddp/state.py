@@ -20,6 +20,9 @@ class TrainState(train_state.TrainState):
   * rng: the run's PRNG key (raw uint32 key data). Step t on device d draws from
     fold_in(fold_in(rng, t), d) (see step_rngs): nothing to advance, nothing lost on
     a resume;
+  * examples: per-example tables of data pruning (jaxddp.pruning), each of one value
+    per training example in the dataset's index order, and the dynamic epoch's
+    bookkeeping: {} without data pruning;
   * train_flops: the training FLOPs so far (jaxddp.sparsity's count), as a float32
     pair (high, low) summed with compensation, which keeps about 48 bits: a float32
     alone would lose whole steps' FLOPs once the total is 2^24 times a step's.
@@ -28,6 +31,7 @@ class TrainState(train_state.TrainState):
   masks: Any = struct.field(default_factory=dict)
   rng: Any = None
   train_flops: Any = None
+  examples: Any = struct.field(default_factory=dict)
 
   def variables(self, params=None) -> dict[str, Any]:
     """What the model is applied to: `params` (default: the state's), statistics, masks."""
@@ -80,10 +84,16 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 _ITEMS = ("step", "params", "batch_stats", "masks", "opt_state", "rng", "train_flops")
 
 
+def _items(state: TrainState) -> tuple[str, ...]:
+  # examples only when there are any: checkpoints of runs without data pruning keep
+  # the layout they had before it existed.
+  return _ITEMS + ("examples",) if state.examples else _ITEMS
+
+
 def checkpoint_items(state: TrainState) -> dict[str, Any]:
   """The arrays of the state, as the plain nested dict that checkpoints store."""
-  return {name: getattr(state, name) for name in _ITEMS}
+  return {name: getattr(state, name) for name in _items(state)}
 
 
 def with_checkpoint_items(state: TrainState, items: dict[str, Any]) -> TrainState:
-  return state.replace(**{name: items[name] for name in _ITEMS})
+  return state.replace(**{name: items[name] for name in _items(state)})

@@ -8,6 +8,8 @@ pmap, where each device holds a copy.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -40,10 +42,43 @@ def _local_sums(logits, labels, weights, loss_fn: LossFn) -> dict[str, jnp.ndarr
           "count": jnp.sum(weights)}
 
 
+def gather_batch(x: jnp.ndarray) -> jnp.ndarray:
+  """This device's slice of the batch -> the whole global batch, on every device, in
+  order (device 0's examples first). A psum of zeros with this device's values in
+  its place: exact, and replicated as far as shard_map can tell (an all_gather's
+  result counts as per-device)."""
+  size = x.shape[0]
+  whole = jnp.zeros((size * jax.lax.psum(1, AXIS), *x.shape[1:]), x.dtype)
+  whole = jax.lax.dynamic_update_slice_in_dim(whole, x, jax.lax.axis_index(AXIS) * size, 0)
+  return jax.lax.psum(whole, AXIS)
+
+
+def update_example_tables(examples: dict, index: jnp.ndarray, loss: jnp.ndarray,
+                          correct: jnp.ndarray) -> dict:
+  """The per-example tables of state.examples after a step that saw the (global) examples
+  `index` with these training losses and correctness (0/1).
+
+  "loss": the latest loss of each example (InfoBatch). "correct", "forgotten",
+  "learned": the latest correctness, the number of forgetting events (correct at one
+  presentation, wrong at the next; Toneva et al. 2019) and whether ever correct.
+  """
+  examples = dict(examples)
+  if "loss" in examples:
+    examples["loss"] = examples["loss"].at[index].set(loss)
+  if "correct" in examples:
+    before = examples["correct"][index]
+    examples["forgotten"] = examples["forgotten"].at[index].add(before * (1 - correct))
+    examples["learned"] = examples["learned"].at[index].max(correct)
+    examples["correct"] = examples["correct"].at[index].set(correct)
+  return examples
+
+
 def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
                train_loss: LossFn = losses.cross_entropy,
                eval_loss: LossFn = losses.cross_entropy, accumulation_steps: int = 1,
-               sparsity: Sparsity | None = None) -> tuple[TrainState, dict]:
+               sparsity: Sparsity | None = None,
+               schedule_step: Callable[[TrainState], jnp.ndarray] | None = None
+               ) -> tuple[TrainState, dict]:
   """One optimizer update from this device's slice of the (effective) global batch.
 
   With accumulation_steps = k the slice is split into k consecutive micro-batches,
@@ -59,29 +94,40 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
   With `sparsity`, the weight masks are first recomputed if this is one of the
   schedule's update steps (from the replicated weights: the same on every device),
   and the step's FLOPs are added to state.train_flops.
+
+  Data pruning (jaxddp.pruning) keeps per-example tables in state.examples, indexed by
+  batch["index"]: with "weight", each example's loss is multiplied by its weight;
+  "loss" and the forgetting tables are updated from the whole global batch. With
+  `schedule_step` (dynamic pruning: epochs of varying length), the learning rate is
+  learning_rate_fn(schedule_step(state)), set in the optimizer's injected hyperparameters.
   """
   if sparsity is not None:
     state = sparsity.update(state)
   params = _per_device(state.params)
   device = jax.lax.axis_index(AXIS)
+  examples = state.examples
 
   def loss_fn(params, batch_stats, micro_batch, micro_index):
     variables = {**state.variables(params), "batch_stats": batch_stats}
     logits, updates = state.apply_fn(variables, micro_batch["x"], train=True,
                                      mutable=["batch_stats"],
                                      rngs=step_rngs(state.rng, state.step, device, micro_index))
-    loss = train_loss(logits, micro_batch["y"]).mean()
-    return loss, (logits, updates["batch_stats"])
+    per_example = train_loss(logits, micro_batch["y"])
+    weighted = per_example
+    if "weight" in examples:
+      weighted = per_example * examples["weight"][micro_batch["index"]]
+    return weighted.mean(), (logits, updates["batch_stats"], per_example)
 
   def micro_step(carry, micro):
     micro_batch, micro_index = micro
     grads_sum, batch_stats, sums = carry
-    (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (_, (logits, batch_stats, per_example)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, batch_stats, micro_batch, micro_index)
     local = _local_sums(logits, micro_batch["y"], jnp.ones_like(micro_batch["y"], jnp.float32),
                         eval_loss)
     add = lambda a, b: jax.tree.map(jnp.add, a, b)
-    return (add(grads_sum, grads), batch_stats, add(sums, local)), None
+    correct = (jnp.argmax(logits, axis=-1) == micro_batch["y"]).astype(jnp.float32)
+    return (add(grads_sum, grads), batch_stats, add(sums, local)), (per_example, correct)
 
   micro_batches = jax.tree.map(
       lambda x: x.reshape(accumulation_steps, x.shape[0] // accumulation_steps, *x.shape[1:]),
@@ -92,16 +138,25 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
            _per_device(zero_sums))
   if accumulation_steps == 1:  # no loop: XLA optimises a plain step better than a scan of one
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    (grads, batch_stats, sums), _ = micro_step(carry, (first, 0))
+    (grads, batch_stats, sums), (per_example, correct) = micro_step(carry, (first, 0))
   else:
-    (grads, batch_stats, sums), _ = jax.lax.scan(
+    (grads, batch_stats, sums), (per_example, correct) = jax.lax.scan(
         micro_step, carry, (micro_batches, jnp.arange(accumulation_steps)))
   grads = jax.lax.pmean(jax.tree.map(lambda g: g / accumulation_steps, grads), AXIS)
   # One shared running average. Synchronised batch norm already computed the same
   # statistics on every device; per-device batch norm did not, and is averaged here.
   batch_stats = jax.lax.pmean(batch_stats, AXIS)
   metrics = jax.lax.psum(sums, AXIS)
-  metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+  if examples:
+    state = state.replace(examples=update_example_tables(
+        examples, gather_batch(batch["index"]), gather_batch(per_example.reshape(-1)),
+        gather_batch(correct.reshape(-1))))
+  if schedule_step is None:
+    metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+  else:
+    metrics["learning_rate"] = jnp.asarray(learning_rate_fn(schedule_step(state)), jnp.float32)
+    hyperparams = {**state.opt_state.hyperparams, "learning_rate": metrics["learning_rate"]}
+    state = state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
   if sparsity is not None:
     metrics["flops"] = jnp.asarray(sparsity.train_step_flops(state.masks), jnp.float32)
     state = state.add_flops(metrics["flops"])

@@ -21,13 +21,15 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 
 from jaxddp import checkpoint, data, distributed, losses, models, optim, parallel, sparsity
+from jaxddp import pruning
 from jaxddp import config as config_lib
 from jaxddp.checkpoint import Checkpointer, StopSignal
 from jaxddp.metrics import MetricWriter, Progress, SumCounter, format_recipe
@@ -65,13 +67,41 @@ class Setup:
   sparsity: sparsity.Sparsity  # masks' schedule (method none: dense) and the FLOPs count
   state: TrainState  # freshly initialised, placed on the devices
   given: dict[str, str]  # what was passed as an object instead of named in the config
+  kept: np.ndarray | None = None  # a static subset's examples (data pruning); None: all
+  infobatch: pruning.InfoBatchEpochs | None = None  # dynamic data pruning's epochs
 
   def train_batches(self, start_step: int):
     """This process's part of the training batch of each step from start_step on."""
+    kwargs = {} if self.kept is None else {"examples": self.kept}
     return self.dataset.train_batches(
         global_batch_size=self.recipe.effective_batch_size, seed=self.config.seed,
         start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(), **kwargs)
+
+  def training_steps(self, start_step: int, read_tables: Callable[[], dict],
+                     write_tables: Callable[[dict], None]) -> "Steps":
+    """(step, batch on the devices) for every step from start_step to the end. InfoBatch
+    plans each epoch as it starts, from the per-example tables read_tables returns (after
+    every step dispatched has finished), and hands its plan to write_tables."""
+    if self.infobatch is not None:
+      return Steps(self.infobatch.steps(start_step, read_tables, write_tables,
+                                        self.backend.put_batches), self.infobatch)
+    batches = data.prefetch_to_device(self.train_batches(start_step), self.backend.put_batches)
+    return Steps(zip(range(start_step, self.recipe.total_steps), batches), self.recipe)
+
+
+@dataclasses.dataclass
+class Steps:
+  """A run's (step, batch) pairs, and its last step (once known: InfoBatch's epochs vary)."""
+  pairs: Any
+  source: Any  # with .last_step (InfoBatchEpochs) or .total_steps (Recipe)
+
+  def __iter__(self):
+    return iter(self.pairs)
+
+  @property
+  def last_step(self) -> int | None:
+    return getattr(self.source, "last_step", None) or getattr(self.source, "total_steps", None)
 
 
 def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
@@ -92,9 +122,13 @@ def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
     dataset = data.load_dataset(config)
   else:
     data.check_dataset(dataset, "train_and_evaluate(dataset=...)")
-  recipe = config_lib.resolve(config, num_train_examples=dataset.num_train_examples,
-                              num_test_examples=dataset.num_test_examples, num_devices=len(devices),
-                              num_processes=jax.process_count())
+  kept = pruning.kept_examples(config, dataset)  # a static subset (data pruning) or None
+  recipe = config_lib.resolve(config, num_train_examples=dataset.num_train_examples if kept is
+                              None else len(kept), num_test_examples=dataset.num_test_examples,
+                              num_devices=len(devices), num_processes=jax.process_count())
+  pruning.check_recipe(config, recipe)
+  recipe = dataclasses.replace(recipe, data_pruning=pruning.describe(
+      config, dataset.num_train_examples, kept, recipe))
   if model is None:
     model = models.create_model(config, dataset.num_classes)
   elif isinstance(model, type) and issubclass(model, nn.Module):
@@ -109,11 +143,20 @@ def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
   losses.check(eval_loss, dataset.num_classes)
   sparse = sparsity.create(config, recipe, model, dataset.input_shape)
   schedule = optim.learning_rate_schedule(config, recipe)
-  tx = optim.create_optimizer(config, schedule)
-  backend = parallel.create_backend(config, devices, schedule, sparse, train_loss, eval_loss)
+  dynamic = pruning.is_dynamic(config)
+  # Dynamic pruning's epochs vary in length: the step sets the learning rate from the
+  # run's progress in epochs (pruning.schedule_step), injected into the optimizer.
+  tx = optim.create_optimizer(config, schedule, injected=dynamic)
+  backend = parallel.create_backend(config, devices, schedule, sparse, train_loss, eval_loss,
+                                    schedule_step=pruning.schedule_step(recipe) if dynamic
+                                    else None)
   state = sparse.initialize(create_train_state(model, tx, dataset.input_shape, config.seed))
+  state = state.replace(examples=pruning.initial_tables(
+      config, dataset.num_train_examples, dataset.num_classes, recipe))
+  infobatch = pruning.InfoBatchEpochs(config, dataset, recipe, jax.process_index(),
+                                      jax.process_count()) if dynamic else None
   return Setup(config, devices, dataset, recipe, model, backend, sparse,
-               backend.put_state(state), given)
+               backend.put_state(state), given, kept, infobatch)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -161,7 +204,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = MetricWriter(workdir, enabled=is_main_process)
 
   # --- 3. Train. ---
-  batches = data.prefetch_to_device(run.train_batches(start_step), backend.put_batches)
   window = LogWindow()
   watchdog = distributed.Watchdog(
       config.distributed.hang_timeout,
@@ -170,45 +212,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       distributed.process_label())
   in_flight = StepsInFlight(config.parallel.max_steps_in_flight, window.add, watchdog.pet,
                             checkpointer.directory)
-  log_due = Every(config.train.log_every, recipe.total_steps)
-  eval_due = Every(config.train.eval_every, recipe.total_steps, at_end=False)  # the end: step 4
-  checkpoint_due = Every(config.train.checkpoint_every, recipe.total_steps)
+  log_due = Every(config.train.log_every)
+  eval_due = Every(config.train.eval_every, at_end=False)  # the end: step 4
+  checkpoint_due = Every(config.train.checkpoint_every)
 
   def save_checkpoint(done: int) -> None:
     in_flight.drain()  # a checkpoint holds only steps already checked
     checkpointer.save(done, backend.global_state(state))
     watchdog.pet()
 
+  def read_tables() -> dict:  # data pruning's per-example tables, once every step finished
+    in_flight.drain()
+    return jax.tree.map(parallel.local_value, backend.global_state(state).examples)
+
+  def write_tables(tables: dict) -> None:
+    nonlocal state
+    state = state.replace(examples=backend.put_state(tables))
+
+  steps = run.training_steps(start_step, read_tables, write_tables)
   try:
     with StopSignal() as stop, watchdog:
-      for step in range(start_step, recipe.total_steps):
-        batch = window.timed_wait(batches)
+      for step, batch in window.timed(steps):
         state, metrics = backend.train_step(state, batch)
         in_flight.add(step, metrics)
         done = step + 1  # steps completed once this one finishes
+        last = done == steps.last_step
 
-        if log_due(done):
+        if log_due(done, last):
           in_flight.drain()
           scalars = window.flush()
+          if run.infobatch:
+            scalars.update(run.infobatch.progress(done))
           writer.write(done, scalars)
           progress.update(done, scalars)
-        if eval_due(done):
+        if eval_due(done, last):
           scalars = evaluate(backend, state, run.dataset, recipe)
           writer.write(done, {**{f"eval/{k}": v for k, v in scalars.items()},
                               **sparsity_report(run.sparsity, backend, state, done)})
           watchdog.pet()
-        if checkpoint_due(done):
+        if checkpoint_due(done, last):
           save_checkpoint(done)
         if _stop_requested(stop, done, config.train.log_every):
           save_checkpoint(done)
           raise TrainingInterrupted(stop.name or "a signal to another process",
                                     stop.received or signal.SIGTERM, done)
       in_flight.drain()
+      last_step = steps.last_step
 
       # --- 4. Final evaluation on every test example. ---
       final = evaluate(backend, state, run.dataset, recipe)
-    report = sparsity_report(run.sparsity, backend, state, recipe.total_steps)
-    writer.write(recipe.total_steps, {**{f"eval/{k}": v for k, v in final.items()}, **report})
+    report = sparsity_report(run.sparsity, backend, state, last_step)
+    if run.infobatch:
+      report.update(run.infobatch.progress(last_step))
+      report["flops/saved_fraction"] = 1 - report["flops/train_total"] / (
+          recipe.total_steps * report["flops/train_step_dense"])
+    writer.write(last_step, {**{f"eval/{k}": v for k, v in final.items()}, **report})
   finally:
     progress.close()
     writer.close()
@@ -217,8 +275,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if run.sparsity.spec.masked:
     progress.print(run.sparsity.format_table(report, report["flops/train_total"],
                                              report["flops/train_total_dense"]))
+  if run.infobatch:
+    progress.print(f"infobatch: {report['data/examples_seen']:.0f} examples seen in "
+                   f"{last_step} steps, {report['data/fraction_skipped']:.1%} of a full-data "
+                   f"run's skipped ({recipe.total_steps} steps); training FLOPs saved "
+                   f"{report['flops/saved_fraction']:.1%}")
   progress.print(f"final test accuracy {final['accuracy']:.2%} (loss {final['loss']:.4f}) "
-                 f"after {recipe.total_steps} steps, {run_time:.1f}s of training")
+                 f"after {last_step} steps, {run_time:.1f}s of training")
   return TrainResult(state=backend.global_state(state), eval_metrics=final)
 
 
@@ -227,11 +290,10 @@ class Every:
   """Whether an action is due after `done` steps: every `period` steps (0: never); after
   the run's last step, if and only if `at_end`."""
   period: int
-  last_step: int
   at_end: bool = True
 
-  def __call__(self, done: int) -> bool:
-    if done == self.last_step:
+  def __call__(self, done: int, last: bool) -> bool:
+    if last:
       return self.at_end
     return bool(self.period) and done % self.period == 0
 
@@ -292,12 +354,18 @@ class LogWindow:
     self.data_wait = 0.0  # seconds
     self.scalars: dict[str, float] = {}
 
-  def timed_wait(self, batches) -> Any:
-    """The next batch; the time spent waiting for it counts as data wait."""
-    wait_start = time.perf_counter()
-    batch = next(batches)
-    self.data_wait += time.perf_counter() - wait_start
-    return batch
+  def timed(self, items) -> Iterator:
+    """The items of `items` (steps and their batches); the time spent waiting for each
+    counts as data wait."""
+    items = iter(items)
+    while True:
+      wait_start = time.perf_counter()
+      try:
+        item = next(items)
+      except StopIteration:
+        return
+      self.data_wait += time.perf_counter() - wait_start
+      yield item
 
   def add(self, metrics: dict[str, float]) -> None:
     self.sums.add(metrics)

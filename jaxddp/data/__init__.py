@@ -14,8 +14,10 @@ Dataset` per name; `register` adds yours), an import path `package.module:factor
 or else the name of a tfds dataset.
 
 A dataset yields this process's part of each global batch, as NumPy arrays:
-{"x": float32 (batch, *input_shape), "y": int32 (batch,)} for training, plus
-"mask" (1 for a real example, 0 for padding) for evaluation.
+{"x": float32 (batch, *input_shape), "y": int32 (batch,), "index": int32 (batch,)}
+for training, plus "mask" (1 for a real example, 0 for padding) for evaluation.
+"index" is the example's stable position in its split (the dataset's index order),
+which data pruning (jaxddp.pruning) keys its scores and tables by.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import dataclasses
 from typing import Callable, Iterator, Protocol
 
 import ml_collections
+import numpy as np
 
 from jaxddp.config import ConfigError
 from jaxddp.data import embedded
@@ -44,17 +47,23 @@ class Dataset(Protocol):
   num_test_examples: int
 
   def train_batches(self, *, global_batch_size: int, seed: int, start_step: int,
-                    process_index: int, process_count: int) -> Iterator[Batch]:
+                    process_index: int, process_count: int,
+                    examples: np.ndarray | None = None) -> Iterator[Batch]:
     """This process's part of the training batch of every step from start_step on.
 
     The batches are a function of (seed, step) only: a run resumed at start_step
-    sees exactly the batches an uninterrupted run would have.
+    sees exactly the batches an uninterrupted run would have. `examples` (sorted
+    indices, None = all) restricts them to those training examples (data pruning).
     """
 
   def eval_batches(self, *, global_batch_size: int, process_index: int,
-                   process_count: int) -> Iterator[Batch]:
-    """Every test example exactly once over all processes, with "mask"; every process
-    yields the same number of batches (the last ones padded with mask 0)."""
+                   process_count: int, split: str = "test") -> Iterator[Batch]:
+    """Every example of the test split (or, with split="train", of the training split,
+    unaugmented) exactly once over all processes, with "mask" and "index"; every
+    process yields the same number of batches (the last ones padded with mask 0)."""
+
+  def train_labels(self) -> np.ndarray:
+    """The label of every training example, in index order (for class balancing)."""
 
 
 DatasetFactory = Callable[[ml_collections.ConfigDict], Dataset]
@@ -69,7 +78,7 @@ def register(name: str) -> Callable[[DatasetFactory], DatasetFactory]:
 
 @register("mnist1d")
 def _mnist1d(config: ml_collections.ConfigDict) -> ArrayDataset:
-  return embedded.mnist1d()
+  return embedded.mnist1d(config.dataset.num_train_examples)
 
 
 @register("digits")

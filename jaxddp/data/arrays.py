@@ -120,19 +120,25 @@ class ArrayDataset:
     return len(self.test_x)
 
   def train_batches(self, *, global_batch_size: int, seed: int, start_step: int,
-                    process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+                    process_index: int = 0, process_count: int = 1,
+                    examples: np.ndarray | None = None) -> Iterator[Batch]:
     batches = TrainBatches(self.train_x, self.train_y, global_batch_size=global_batch_size,
                            seed=seed, process_index=process_index, process_count=process_count,
-                           max_shift=self.max_shift)
+                           max_shift=self.max_shift, examples=examples)
     step = start_step
     while True:
       yield batches(step)
       step += 1
 
   def eval_batches(self, *, global_batch_size: int, process_index: int = 0,
-                   process_count: int = 1) -> Iterator[Batch]:
-    return eval_batches(self.test_x, self.test_y, global_batch_size=global_batch_size,
+                   process_count: int = 1, split: str = "test") -> Iterator[Batch]:
+    x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+    return eval_batches(x, y, global_batch_size=global_batch_size,
                         process_index=process_index, process_count=process_count)
+
+  def train_labels(self) -> np.ndarray:
+    """The label of every training example, in index order."""
+    return self.train_y
 
 
 def load_npz(path: str) -> ArrayDataset:

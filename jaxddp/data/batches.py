@@ -26,14 +26,22 @@ def shift_signals(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np
 
 
 class TrainBatches:
-  """The training batch of any step, for one process; no state, so resume is exact."""
+  """The training batch of any step, for one process; no state, so resume is exact.
+
+  `examples` (sorted indices; None = all) restricts training to those examples
+  (data pruning): an epoch is then a shuffle of them alone. Each batch carries the
+  examples' indices ("index") in the whole training set.
+  """
 
   def __init__(self, x: np.ndarray, y: np.ndarray, *, global_batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1, max_shift: int = 0):
+               process_index: int = 0, process_count: int = 1, max_shift: int = 0,
+               examples: np.ndarray | None = None):
     self.x, self.y = x, y
+    self.examples = None if examples is None else np.asarray(examples, np.int64)
+    self.num_examples = len(x) if examples is None else len(self.examples)
     self.global_batch_size = global_batch_size
     self.seed = seed
-    self.steps_per_epoch = len(x) // global_batch_size  # the epoch remainder is dropped
+    self.steps_per_epoch = self.num_examples // global_batch_size  # the remainder is dropped
     self.per_process = global_batch_size // process_count
     self.process_slice = slice(process_index * self.per_process,
                                (process_index + 1) * self.per_process)
@@ -42,7 +50,8 @@ class TrainBatches:
 
   def _order(self, epoch: int) -> np.ndarray:
     if self._order_cache is None or self._order_cache[0] != epoch:
-      self._order_cache = (epoch, epoch_order(self.seed, epoch, len(self.x)))
+      order = epoch_order(self.seed, epoch, self.num_examples)
+      self._order_cache = (epoch, order if self.examples is None else self.examples[order])
     return self._order_cache[1]
 
   def global_indices(self, step: int) -> np.ndarray:
@@ -57,12 +66,13 @@ class TrainBatches:
     if self.max_shift:
       # Augmented on the global batch, so the result does not depend on the process count.
       x = shift_signals(x, self.max_shift, np.random.default_rng([self.seed, step, 1]))
-    return {"x": x[self.process_slice], "y": y[self.process_slice]}
+    return {"x": x[self.process_slice], "y": y[self.process_slice],
+            "index": indices[self.process_slice].astype(np.int32)}
 
 
 def eval_batches(x: np.ndarray, y: np.ndarray, *, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[Batch]:
-  """Every example exactly once; the last batch is zero-padded with mask 0.
+  """Every example exactly once, in index order; the last batch is zero-padded with mask 0.
 
   Every process yields the same number of batches, so no process waits forever
   on a collective that another never reaches.
@@ -76,4 +86,4 @@ def eval_batches(x: np.ndarray, y: np.ndarray, *, global_batch_size: int, proces
     indices = np.where(mask, indices, 0)
     yield {"x": np.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x[indices], 0).astype(x.dtype),
            "y": np.where(mask, y[indices], 0).astype(y.dtype),
-           "mask": mask.astype(np.float32)}
+           "mask": mask.astype(np.float32), "index": indices.astype(np.int32)}

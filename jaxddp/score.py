@@ -1,0 +1,133 @@
+"""Scores every training example, data-parallel: `python -m jaxddp.score`.
+
+    python -m jaxddp.score --config=configs/mnist1d.py --workdir=runs/scores \
+        --config.data_pruning.score=el2n [--config.data_pruning.num_runs=4 ...]
+
+writes workdir/scores/<score>.npy (float32, one score per training example in the
+dataset's index order, higher = harder) and workdir/scores/<score>.json (how they
+were made: the score, runs, seeds, epochs, time). The runs a score trains (el2n and
+grand: num_runs seeds for score_epochs epochs; forgetting: one whole run) live in
+workdir/score_runs/ (named by seed and epochs: el2n and grand share theirs), so a
+killed scoring job resumes them. Train on a
+subset with --config.data_pruning.scores=workdir/scores/<score>.npy.
+
+The same command on 1 device, 8 devices or several processes gives the same scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxddp import checkpoint, parallel, train
+from jaxddp.config import ConfigError
+from jaxddp.pruning import outputs as outputs_lib
+from jaxddp.pruning.scores import SCORES
+
+
+class Scoring:
+  """What a score needs (jaxddp.pruning.scores.Scoring): runs trained or loaded, and
+  per-example outputs over the training split."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, **given: Any):
+    self.config, self.workdir, self.given = config, workdir, given
+    self.run = train.setup(config, **given)
+    self.num_train_examples = self.run.dataset.num_train_examples
+    self.runs: dict[str, dict] = {}
+
+  def _run_config(self, seed: int, epochs: float, **overrides) -> ml_collections.ConfigDict:
+    config = copy.deepcopy(self.config)
+    config.seed = seed
+    with config.ignore_type():  # score_epochs may be fractional, num_epochs an int
+      config.train.num_epochs = int(epochs) if float(epochs).is_integer() else float(epochs)
+    config.train.num_steps = 0
+    config.init_from.workdir, config.init_from.step, config.init_from.skip = "", 0, ""
+    for field, value in overrides.items():
+      config.data_pruning[field] = value
+    return config
+
+  def trained_state(self, name: str, seed: int, epochs: float, **overrides):
+    config = self._run_config(seed, epochs, **overrides)
+    # Named by what makes them, so el2n and grand share their runs.
+    workdir = os.path.join(self.workdir, "score_runs", f"{name}_seed{seed}_epochs{epochs:g}")
+    if epochs == 0:  # the initialisation of this seed
+      state = train.setup(config, **self.given).state
+      self.runs[f"{name}_seed{seed}"] = {"seed": seed, "epochs": 0}
+      return jax.tree.map(parallel.local_value, self.run.backend.global_state(state))
+    result = train.train_and_evaluate(config, workdir, **self.given)
+    self.runs[f"{name}_seed{seed}"] = {"seed": seed, "epochs": epochs, "workdir": workdir,
+                       "test_accuracy": result.eval_metrics["accuracy"]}
+    return jax.tree.map(parallel.local_value, result.state)
+
+  def init_from_state(self):
+    if not self.config.init_from.workdir:
+      raise ConfigError("config.data_pruning.score='prototype' embeds the training set with a "
+                        "trained run: set --config.init_from.workdir=<its --workdir>")
+    backend = self.run.backend
+    source = checkpoint.InitSource(self.config.init_from, backend.global_state(self.run.state))
+    self.runs["init_from"] = {"workdir": source.workdir, "step": source.step}
+    return jax.tree.map(parallel.local_value, source.load(backend.global_state(self.run.state)))
+
+  def outputs(self, state, what: tuple[str, ...]) -> dict[str, np.ndarray]:
+    run = self.run
+    base = jax.tree.map(parallel.local_value, run.backend.global_state(run.state))
+    state = base.replace(params=state.params, batch_stats=state.batch_stats, masks=state.masks)
+    batches = run.dataset.eval_batches(global_batch_size=run.recipe.eval_global_batch_size,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count(), split="train")
+    return outputs_lib.per_example_outputs(
+        run.backend, run.backend.put_state(state), batches,
+        self.num_train_examples, what, loss_fn=_eval_loss(self.config),
+        chunk_size=self.config.data_pruning.chunk_size)
+
+
+def _eval_loss(config):
+  from jaxddp import losses
+  return losses.get(config, None)[1]
+
+
+def score(config: ml_collections.ConfigDict, workdir: str, **given: Any) -> np.ndarray:
+  """Computes config.data_pruning.score for every training example and writes it to
+  workdir/scores/<score>.npy and .json; returns the scores. `given`: model=, dataset=,
+  loss_fn= as for jaxddp.train_and_evaluate."""
+  name = config.data_pruning.score
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir} is a file; give a directory")
+  started = time.time()
+  scoring = Scoring(config, workdir, **given)
+  values, details = SCORES[name](scoring)
+  values = np.asarray(values, np.float32)
+  seconds = time.time() - started
+  info = {"score": name, "higher_is": "harder", "num_examples": int(len(values)),
+          "dataset": config.dataset.name, "model": config.model.name, **details,
+          "runs": scoring.runs, "seconds": round(seconds, 2),
+          "devices": len(scoring.run.devices), "processes": jax.process_count()}
+  if jax.process_index() == 0:
+    directory = os.path.join(workdir, "scores")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{name}.npy")
+    np.save(path + ".tmp.npy", values)
+    os.replace(path + ".tmp.npy", path)
+    with open(os.path.join(directory, f"{name}.json"), "w") as f:
+      json.dump(info, f, indent=2, default=str)
+    print(f"jaxddp.score: {name} of {len(values)} examples in {seconds:.1f}s -> {path} "
+          f"(mean {values.mean():.4g}, min {values.min():.4g}, max {values.max():.4g})",
+          flush=True)
+  return values
+
+
+def main(argv: list[str] | None = None) -> None:
+  from jaxddp import main as entry
+  entry.main(argv, command=score)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
