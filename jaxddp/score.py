@@ -46,9 +46,10 @@ class Scoring:
   def _run_config(self, seed: int, epochs: float, **overrides) -> ml_collections.ConfigDict:
     config = copy.deepcopy(self.config)
     config.seed = seed
-    with config.ignore_type():  # score_epochs may be fractional, num_epochs an int
-      config.train.num_epochs = int(epochs) if float(epochs).is_integer() else float(epochs)
-    config.train.num_steps = 0
+    if epochs:  # 0: the initialisation, never trained
+      with config.ignore_type():  # score_epochs may be fractional, num_epochs an int
+        config.train.num_epochs = int(epochs) if float(epochs).is_integer() else float(epochs)
+      config.train.num_steps = 0
     config.init_from.workdir, config.init_from.step, config.init_from.skip = "", 0, ""
     for field, value in overrides.items():
       config.data_pruning[field] = value

@@ -21,7 +21,7 @@ from jaxddp.state import TrainState, step_rngs
 AXIS = "data"
 
 
-def _per_device(tree):
+def per_device(tree):
   """Marks replicated values as per-device (parameters before differentiating, and the
   starting values of the accumulation loop's carry, which becomes per-device).
 
@@ -103,7 +103,7 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
   """
   if sparsity is not None:
     state = sparsity.update(state)
-  params = _per_device(state.params)
+  params = per_device(state.params)
   device = jax.lax.axis_index(AXIS)
   examples = state.examples
 
@@ -134,8 +134,8 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
       batch)
   zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct_sum", "count")}
   # The scan's carry must keep its type: per-device ("varying") from the start.
-  carry = (jax.tree.map(jnp.zeros_like, params), _per_device(state.batch_stats),
-           _per_device(zero_sums))
+  carry = (jax.tree.map(jnp.zeros_like, params), per_device(state.batch_stats),
+           per_device(zero_sums))
   if accumulation_steps == 1:  # no loop: XLA optimises a plain step better than a scan of one
     first = jax.tree.map(lambda x: x[0], micro_batches)
     (grads, batch_stats, sums), (per_example, correct) = micro_step(carry, (first, 0))

@@ -23,7 +23,11 @@ import pytest
 from conftest import REPO, run_main
 
 TOTAL_STEPS = 1200
-MODELS = {"cnn": [], "dropout": ["--config.model.name=user_models:DropoutCNN"]}
+MODELS = {"cnn": [], "dropout": ["--config.model.name=user_models:DropoutCNN"],
+          # InfoBatch: 12 epochs of varying length (about 800 steps), planned from the loss
+          # table in the checkpoint; the kill lands inside an epoch.
+          "infobatch": ["--config.data_pruning.dynamic=infobatch", "--config.train.num_steps=0",
+                        "--config.train.num_epochs=12"]}
 ENV = {"PYTHONPATH": os.path.join(REPO, "tests")}  # tests/user_models.py
 
 
@@ -35,14 +39,16 @@ def _args(workdir, model):
 
 
 def _final(workdir):
-  """The final eval metrics and the parameters of the last checkpoint."""
+  """The final eval metrics and the arrays of the last checkpoint (params, and InfoBatch's
+  per-example tables)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     evals = [r for r in map(json.loads, f) if "eval/loss" in r]
   directory = os.path.join(workdir, "checkpoints")
   with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as manager:
-    assert manager.latest_step() == TOTAL_STEPS
-    items = manager.restore(TOTAL_STEPS)
-  return evals[-1], jax.device_get(items["params"])
+    last = manager.latest_step()
+    items = manager.restore(last)
+  assert last == evals[-1]["step"]
+  return evals[-1], jax.device_get({k: items[k] for k in ("params", "examples") if k in items})
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +85,9 @@ def _start_and_stop(workdir, sig, model):
 
 # SIGKILL with the dropout model covers the CNN's case too (no randomness is the simpler
 # one); each case costs two runs of 1200 steps.
-@pytest.mark.parametrize("sig, model", [(signal.SIGTERM, "cnn"), (signal.SIGKILL, "dropout")],
-                         ids=["sigterm", "sigkill-dropout"])
+@pytest.mark.parametrize("sig, model", [(signal.SIGTERM, "cnn"), (signal.SIGKILL, "dropout"),
+                                        (signal.SIGKILL, "infobatch")],
+                         ids=["sigterm", "sigkill-dropout", "sigkill-infobatch"])
 def test_resume_matches_uninterrupted(tmp_path, uninterrupted, sig, model):
   returncode, _, stderr = _start_and_stop(tmp_path, sig, model)
   if sig == signal.SIGTERM:
@@ -91,13 +98,16 @@ def test_resume_matches_uninterrupted(tmp_path, uninterrupted, sig, model):
   with ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints"),
                              item_handlers=ocp.StandardCheckpointHandler()) as manager:
     stopped_at = manager.latest_step()
-  assert 0 < stopped_at < TOTAL_STEPS, "the run should have stopped mid-way"
+  expected_eval, expected_arrays = uninterrupted(model)
+  assert 0 < stopped_at < expected_eval["step"], "the run should have stopped mid-way"
 
   resumed = run_main(_args(tmp_path, model), env=ENV)
   assert resumed.returncode == 0, resumed.stderr
   assert f"resuming from the checkpoint at step {stopped_at}" in resumed.stdout
 
-  expected_eval, expected_params = uninterrupted(model)
-  got_eval, got_params = _final(tmp_path)
+  got_eval, got_arrays = _final(tmp_path)
   assert got_eval == expected_eval  # exact: same program, same inputs, same order
-  jax.tree.map(np.testing.assert_array_equal, got_params, expected_params)
+  assert got_arrays.keys() == expected_arrays.keys()
+  jax.tree.map(np.testing.assert_array_equal, got_arrays, expected_arrays)
+  if model == "infobatch":  # it did prune: fewer steps than 12 full epochs of 62
+    assert got_eval["step"] < 12 * 62 and got_eval["data/fraction_skipped"] > 0.1

@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxddp import losses, parallel
 from jaxddp.state import TrainState
-from jaxddp.steps import gather_batch
+from jaxddp.steps import gather_batch, per_device
 
 OUTPUTS = ("logits", "loss", "correct", "embedding", "grad_norm")
 
@@ -56,13 +56,20 @@ def apply_with_embedding(state: TrainState, x: jnp.ndarray, params=None):
 
 
 def _grad_norms(state: TrainState, x: jnp.ndarray, y: jnp.ndarray, loss_fn, chunk_size: int):
-  """The L2 norm of each example's loss gradient over all parameters."""
+  """The L2 norm of each example's loss gradient over all parameters.
+
+  The parameters are first marked per-device: under shard_map the gradient with
+  respect to a replicated value would come back summed over the devices (see
+  jaxddp.steps).
+  """
+  params = per_device(state.params)
+
   def norm(example):
     xi, yi = example
     def loss(params):
       logits = state.apply_fn(state.variables(params), xi[None], train=False)
       return loss_fn(logits, yi[None])[0]
-    grads = jax.grad(loss)(state.params)
+    grads = jax.grad(loss)(params)
     return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                         for g in jax.tree.leaves(grads)))
   return jax.lax.map(norm, (x, y), batch_size=min(chunk_size, len(x)))
