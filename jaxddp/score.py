@@ -17,6 +17,7 @@ The same command on 1 device, 8 devices or several processes gives the same scor
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import sys
@@ -41,6 +42,11 @@ class Scoring:
     self.config, self.workdir, self.given = config, workdir, given
     self.run = train.setup(config, **given)
     self.num_train_examples = self.run.dataset.num_train_examples
+    if "split" not in inspect.signature(self.run.dataset.eval_batches).parameters:
+      raise ConfigError(f"jaxddp.score reads every training example once through "
+                        f"eval_batches(..., split='train'), which a "
+                        f"{type(self.run.dataset).__name__} does not take (see "
+                        "jaxddp.data.Dataset)")
     self.runs: dict[str, dict] = {}
 
   def _run_config(self, seed: int, epochs: float, **overrides) -> ml_collections.ConfigDict:

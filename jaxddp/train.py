@@ -122,6 +122,7 @@ def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
     dataset = data.load_dataset(config)
   else:
     data.check_dataset(dataset, "train_and_evaluate(dataset=...)")
+  pruning.check_dataset(config, dataset)
   kept = pruning.kept_examples(config, dataset)  # a static subset (data pruning) or None
   recipe = config_lib.resolve(config, num_train_examples=dataset.num_train_examples if kept is
                               None else len(kept), num_test_examples=dataset.num_test_examples,

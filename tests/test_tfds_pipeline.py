@@ -443,3 +443,46 @@ def test_preprocess_none_refuses_variable_size_images(tmp_path):
     message = _load_error(_config(name="imagenet2012", data_dir=str(tmp_path), preprocess="none"))
   assert "preprocess='none' needs images of one size" in message
   assert "preprocess=inception" in message
+
+
+# --- Example indices (data pruning keys its scores and tables by them). ---
+
+def _index_to_id(dataset, num_examples, batch, process_count=1):
+  """{index: image id} from dataset.eval_batches(split="train"), which must give every
+  index in [0, num_examples) exactly once over the processes."""
+  mapping = {}
+  for p in range(process_count):
+    for b in dataset.eval_batches(global_batch_size=batch, process_index=p,
+                                  process_count=process_count, split="train"):
+      real = b["mask"] == 1
+      assert b["index"].dtype == np.int32 and not np.any(b["index"][~real])
+      for index, image_id in zip(b["index"][real], _ids(b["x"][real])):
+        assert index not in mapping
+        mapping[int(index)] = int(image_id)
+  assert sorted(mapping) == list(range(num_examples))
+  assert sorted(mapping.values()) == list(range(num_examples))  # ids 0..N-1 are the train set
+  return mapping
+
+
+@pytest.mark.parametrize("which", ["folder", "tfds"])
+def test_every_training_example_has_a_stable_index(which, folder_dataset, shapes):
+  dataset, n, label_of = ((folder_dataset, FOLDER_TRAIN, _folder_label) if which == "folder"
+                          else (shapes, SHAPES_TRAIN, lambda i: i % 3))
+  mapping = _index_to_id(dataset, n, batch=4)
+  assert _index_to_id(dataset, n, batch=6, process_count=2) == mapping  # any sharding
+  np.testing.assert_array_equal(dataset.train_labels(),
+                                [label_of(mapping[i]) for i in range(n)])
+  # Training batches carry the same index for the same image, on every process.
+  for p in range(2):
+    for b in _train_steps(dataset, 4, batch=6, process_index=p, process_count=2):
+      np.testing.assert_array_equal([mapping[int(i)] for i in b["index"]], _ids(b["x"]))
+  # Trained on a subset, each process draws from the kept examples of its shard only.
+  kept = np.array([1, 2, 3, 5, 8, 13, 21])
+  seen = set()
+  for p in range(2):
+    it = dataset.train_batches(global_batch_size=4, seed=0, start_step=0, process_index=p,
+                               process_count=2, examples=kept)
+    for b in (next(it) for _ in range(6)):  # several passes over the shard's kept examples
+      np.testing.assert_array_equal([mapping[int(i)] for i in b["index"]], _ids(b["x"]))
+      seen.update(int(i) for i in b["index"])
+  assert seen == set(kept)

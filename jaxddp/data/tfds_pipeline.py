@@ -25,6 +25,7 @@ import os
 from typing import Iterator
 
 import ml_collections
+import numpy as np
 
 from jaxddp.config import ConfigError
 
@@ -172,13 +173,19 @@ class TfdsDataset:
     self.num_train_examples = _cardinality(self._records(train_split, 0, 1))
     self.num_test_examples = _cardinality(self._records(eval_split, 0, 1))
 
-  # --- Reading: this process's encoded examples, (image bytes, label). ---
+  # --- Reading: this process's encoded examples, (image bytes, label, index). ---
+  #
+  # The index of an example is its position in the split read in order: for an image
+  # folder, in tfds.ImageFolder's listing; for a tfds dataset, in its files' order
+  # (read back from each example's tfds_id: file name and record number), whatever
+  # order the files are shuffled into and however the split is sharded.
 
   def _records(self, split: str, process_index: int, process_count: int,
                drop_remainder: bool = False, shuffle_files: bool = False) -> tf.data.Dataset:
     if self.is_folder:  # ImageFolder has no sub-splits: every process lists, then shards
       ds = self.builder.as_dataset(split=split, decoders=_decoders(self.builder))
       total = _cardinality(ds)
+      ds = ds.enumerate().map(lambda i, ex: {**ex, "index": tf.cast(i, tf.int32)})
       ds = ds.shard(process_count, process_index)
       if drop_remainder:
         ds = ds.take(total // process_count)
@@ -189,41 +196,76 @@ class TfdsDataset:
       # Files in a fixed pseudo-random order (tfds writes examples shuffled already);
       # each epoch is shuffled again through the buffer.
       read_config = tfds.ReadConfig(shuffle_seed=0, shuffle_reshuffle_each_iteration=False,
-                                    try_autocache=False)
+                                    try_autocache=False, add_tfds_id=True)
       ds = self.builder.as_dataset(split=shard, decoders=_decoders(self.builder),
                                    shuffle_files=shuffle_files, read_config=read_config)
-    ds = ds.map(lambda ex: (ex[self.image_key], tf.cast(ex[self.label_key], tf.int32)))
+      index_of = self._index_of(split)
+      if index_of is None:  # tfds.testing.mock_data: no files; the order read is the index
+        ds = ds.enumerate().map(lambda i, ex: {**ex, "index": tf.cast(i, tf.int32)})
+      else:
+        ds = ds.map(lambda ex: {**ex, "index": index_of(ex["tfds_id"])})
+    ds = ds.map(lambda ex: (ex[self.image_key], tf.cast(ex[self.label_key], tf.int32),
+                            ex["index"]))
     return ds.cache() if self.cache else ds  # encoded examples, in memory after one pass
+
+  def _index_of(self, split: str):
+    """tfds_id ("<file>__<record>") -> the example's position in `split` read in order."""
+    files, starts = [], []
+    position = 0
+    try:
+      instructions = self.builder.info.splits[split].file_instructions
+    except KeyError:  # no split information: mock data (tfds.testing.mock_data)
+      return None
+    for instruction in instructions:
+      files.append(os.path.basename(instruction.filename))
+      starts.append(position - instruction.skip)  # + record number = position in the split
+      position += instruction.take
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(files, tf.constant(starts, tf.int64)), -1)
+
+    def index_of(tfds_id):
+      parts = tf.strings.split(tfds_id, "__")
+      record = tf.strings.to_number(parts[-1], tf.int64)
+      return tf.cast(table.lookup(parts[0]) + record, tf.int32)
+    return index_of
 
   # --- Preprocessing. ---
 
-  def _train_example(self, encoded, label, seed):
+  def _train_example(self, encoded, label, index, seed):
     if self.preprocessing == "inception":
       image = preprocess.inception_train(encoded, seed, self.image_size, self.channels)
     elif self.preprocessing == "cifar":
       image = preprocess.cifar_train(encoded, seed, self.channels)
     else:
       image = preprocess.decode(encoded, self.channels)
-    return self._output(image, label)
+    return self._output(image, label, index)
 
-  def _eval_example(self, encoded, label):
+  def _eval_example(self, encoded, label, index):
     if self.preprocessing == "inception":
       image = preprocess.inception_eval(encoded, self.image_size, self.channels)
     else:
       image = preprocess.decode(encoded, self.channels)
-    return {**self._output(image, label), "mask": tf.constant(1.0)}
+    return {**self._output(image, label, index), "mask": tf.constant(1.0)}
 
-  def _output(self, image, label):
+  def _output(self, image, label, index):
     x = preprocess.normalize(image, self.mean, self.std)
-    return {"x": tf.ensure_shape(x, self.input_shape), "y": label}
+    return {"x": tf.ensure_shape(x, self.input_shape), "y": label, "index": index}
 
   # --- The Dataset interface (jaxddp.data.Dataset). ---
 
   def train_batches(self, *, global_batch_size: int, seed: int, start_step: int,
-                    process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+                    process_index: int = 0, process_count: int = 1,
+                    examples: np.ndarray | None = None) -> Iterator[Batch]:
+    """`examples` (indices; None = all): train on those alone (data pruning). Each
+    process then keeps the kept examples of its own shard."""
     per_process = global_batch_size // process_count
     records = self._records(self.train_split, process_index, process_count,
                             drop_remainder=True, shuffle_files=True)
+    if examples is not None:
+      kept = np.zeros(self.num_train_examples, bool)
+      kept[np.asarray(examples)] = True
+      kept = tf.constant(kept)
+      records = records.filter(lambda encoded, label, index: tf.gather(kept, index))
     per_epoch = _cardinality(records)
     if per_epoch == 0:
       raise ConfigError(f"config.dataset: process {process_index}'s shard of "
@@ -234,7 +276,7 @@ class TfdsDataset:
       key = tf.constant(seed, tf.int64) * 2**_EPOCH_BITS + e
       shuffled = records.shuffle(buffer, seed=key, reshuffle_each_iteration=False)
       return shuffled.enumerate().map(
-          lambda i, example: (example[0], example[1], tf.stack([key, i])))
+          lambda i, example: (*example, tf.stack([key, i])))
 
     first_epoch, skip = divmod(start_step * per_process, per_epoch)
     ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch).skip(skip)
@@ -243,13 +285,24 @@ class TfdsDataset:
     return ds.as_numpy_iterator()
 
   def eval_batches(self, *, global_batch_size: int, process_index: int = 0,
-                   process_count: int = 1) -> Iterator[Batch]:
+                   process_count: int = 1, split: str = "test") -> Iterator[Batch]:
+    """Every example of the evaluation split (split="train": of the training split,
+    with the evaluation preprocessing) exactly once, with "mask" and "index"."""
     per_process = global_batch_size // process_count
-    records = self._records(self.eval_split, process_index, process_count)
-    num_batches = math.ceil(self.num_test_examples / global_batch_size)
+    name, size = ((self.train_split, self.num_train_examples) if split == "train" else
+                  (self.eval_split, self.num_test_examples))
+    records = self._records(name, process_index, process_count)
+    num_batches = math.ceil(size / global_batch_size)
     padding = num_batches * per_process - _cardinality(records)
     ds = records.map(self._eval_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     blank = {"x": tf.zeros(self.input_shape, tf.float32), "y": tf.constant(0, tf.int32),
-             "mask": tf.constant(0.0)}
+             "index": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
     ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
     return ds.batch(per_process).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+  def train_labels(self) -> np.ndarray:
+    """The label of every training example, in index order (read, not decoded)."""
+    labels = np.zeros(self.num_train_examples, np.int32)
+    for _, label, index in self._records(self.train_split, 0, 1).as_numpy_iterator():
+      labels[index] = label
+    return labels

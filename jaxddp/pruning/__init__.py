@@ -11,8 +11,9 @@
   in the state, and InfoBatch's epochs and learning-rate positions.
 """
 
-from jaxddp.pruning.training import (InfoBatchEpochs, check_recipe, describe, initial_tables,
-                                     is_dynamic, kept_examples, load_scores, schedule_step)
+from jaxddp.pruning.training import (InfoBatchEpochs, check_dataset, check_recipe, describe,
+                                     initial_tables, is_dynamic, kept_examples, load_scores,
+                                     schedule_step)
 
-__all__ = ["InfoBatchEpochs", "check_recipe", "describe", "initial_tables", "is_dynamic",
-           "kept_examples", "load_scores", "schedule_step"]
+__all__ = ["InfoBatchEpochs", "check_dataset", "check_recipe", "describe", "initial_tables",
+           "is_dynamic", "kept_examples", "load_scores", "schedule_step"]

@@ -40,7 +40,6 @@ def kept_examples(config: ml_collections.ConfigDict, dataset) -> np.ndarray | No
   dp = config.data_pruning
   if not dp.scores and dp.keep_fraction == 1:
     return None
-  _check_dataset(dataset)
   if dp.scores:
     scores = load_scores(dp.scores, dataset.num_train_examples)
   else:  # policy random needs no scores
@@ -81,11 +80,16 @@ def load_scores(path: str, num_examples: int) -> np.ndarray:
   return scores.astype(np.float64)
 
 
-def _check_dataset(dataset) -> None:
+def check_dataset(config: ml_collections.ConfigDict, dataset) -> None:
+  """A one-line error if the config's data pruning needs what `dataset` lacks: train_batches
+  with an `examples` argument (subsets, InfoBatch) and batches with "index"."""
+  dp = config.data_pruning
+  if not (dp.scores or dp.keep_fraction < 1 or is_dynamic(config) or dp.track_forgetting):
+    return
   if "examples" not in inspect.signature(dataset.train_batches).parameters:
-    raise ConfigError(f"config.data_pruning: a {type(dataset).__name__} cannot train on a "
-                      "subset: its train_batches has no `examples` argument (see "
-                      "jaxddp.data.Dataset)")
+    raise ConfigError(f"config.data_pruning needs a dataset that trains on chosen examples and "
+                      f"gives their indices, which a {type(dataset).__name__} does not: its "
+                      "train_batches has no `examples` argument (see jaxddp.data.Dataset)")
 
 
 def is_dynamic(config: ml_collections.ConfigDict) -> bool:
