@@ -86,6 +86,7 @@ class Settings:
   fractions: list[float]
   policies: list[str]
   other_fraction: float
+  other_policies: list[str]
   el2n_runs: int
   score_epochs: float
   prune_ratios: list[float]
@@ -161,7 +162,7 @@ def run_static(exp: Experiment, regime: int, steps: int) -> None:
   keep = exp.settings.other_fraction
   for name, path, seconds in (("forgetting", forgetting, forgetting_seconds),
                               ("prototype", prototype, prototype_seconds)):
-    for policy in ("hard", "easy"):
+    for policy in exp.settings.other_policies:
       exp.train("static", regime, name, policy, keep, score_seconds=seconds, **fixed, **{
           "data_pruning.scores": path, "data_pruning.keep_fraction": keep,
           "data_pruning.policy": policy})
@@ -255,12 +256,13 @@ def main(argv):
   base = _CONFIG.value
   regimes, steps = [int(r) for r in _REGIMES.value], [int(s) for s in _STEPS.value]
   settings = Settings([float(f) for f in _FRACTIONS.value], _POLICIES.value,
-                      _OTHER_FRACTION.value, _EL2N_RUNS.value, _SCORE_EPOCHS.value,
+                      _OTHER_FRACTION.value, ["hard", "easy"], _EL2N_RUNS.value,
+                      _SCORE_EPOCHS.value,
                       [float(r) for r in _PRUNE_RATIOS.value])
   if _QUICK.value:
     regimes, steps = regimes[:1], [12]
     base.train.num_epochs = 3
-    settings = Settings([0.5], ["hard", "ccs"], 0.5, 1, 1.0, [0.5])
+    settings = Settings([0.5], ["hard", "ccs"], 0.5, ["hard"], 1, 1.0, [0.5])
   if len(steps) != len(regimes):
     raise app.UsageError(f"--steps needs one number per regime ({len(regimes)})")
   config_lib.validate(base)

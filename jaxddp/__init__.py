@@ -7,6 +7,8 @@
     result = jaxddp.train_and_evaluate(config, "runs/mine", model=MyModel(num_classes=10),
                                        dataset=data)
 
+    scores = jaxddp.score_examples(config, "runs/scores")  # data pruning: one per example
+
 `jaxddp.models.register` and `jaxddp.data.register` add a model or dataset by name;
 `jaxddp.nn` holds layers for any Flax model (GhostBatchNorm, MaskedDense, MaskedConv).
 The modules load on first use, so `python -m jaxddp.main --help` stays fast.
@@ -17,10 +19,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["data", "get_config", "models", "nn", "train_and_evaluate"]
+__all__ = ["data", "get_config", "models", "nn", "pruning", "score_examples",
+           "train_and_evaluate"]
 
 _SUBMODULES = ("checkpoint", "config", "data", "distributed", "losses", "metrics", "models",
-               "nn", "optim", "parallel", "registry", "sparsity", "state", "steps", "train")
+               "nn", "optim", "parallel", "pruning", "registry", "score", "sparsity", "state",
+               "steps", "train")
 
 
 def get_config():
@@ -34,6 +38,15 @@ def train_and_evaluate(config, workdir: str, *, model=None, dataset=None, loss_f
   (see jaxddp.train.train_and_evaluate)."""
   from jaxddp import train
   return train.train_and_evaluate(config, workdir, model=model, dataset=dataset, loss_fn=loss_fn)
+
+
+def score_examples(config, workdir: str, *, model=None, dataset=None, loss_fn=None):
+  """config.data_pruning.score of every training example (higher = harder), also written
+  to workdir/scores/<score>.npy (see jaxddp.score.score)."""
+  from jaxddp import score
+  given = {k: v for k, v in (("model", model), ("dataset", dataset), ("loss_fn", loss_fn))
+           if v is not None}
+  return score.score(config, workdir, **given)
 
 
 def __getattr__(name: str) -> Any:

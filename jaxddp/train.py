@@ -84,24 +84,27 @@ class Setup:
     plans each epoch as it starts, from the per-example tables read_tables returns (after
     every step dispatched has finished), and hands its plan to write_tables."""
     if self.infobatch is not None:
-      return Steps(self.infobatch.steps(start_step, read_tables, write_tables,
-                                        self.backend.put_batches), self.infobatch)
+      infobatch = self.infobatch
+      return Steps(infobatch.steps(start_step, read_tables, write_tables,
+                                   self.backend.put_batches), lambda: infobatch.last_step)
     batches = data.prefetch_to_device(self.train_batches(start_step), self.backend.put_batches)
-    return Steps(zip(range(start_step, self.recipe.total_steps), batches), self.recipe)
+    return Steps(zip(range(start_step, self.recipe.total_steps), batches),
+                 lambda: self.recipe.total_steps)
 
 
 @dataclasses.dataclass
 class Steps:
-  """A run's (step, batch) pairs, and its last step (once known: InfoBatch's epochs vary)."""
-  pairs: Any
-  source: Any  # with .last_step (InfoBatchEpochs) or .total_steps (Recipe)
+  """A run's (step, batch) pairs, and its last step, once known (InfoBatch knows it when
+  its last epoch starts)."""
+  pairs: Iterator[tuple[int, Any]]
+  _last_step: Callable[[], int | None]
 
   def __iter__(self):
     return iter(self.pairs)
 
   @property
   def last_step(self) -> int | None:
-    return getattr(self.source, "last_step", None) or getattr(self.source, "total_steps", None)
+    return self._last_step()
 
 
 def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,

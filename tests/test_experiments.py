@@ -75,3 +75,35 @@ def test_experiments_read_datasets_through_the_interface_only():
   config.train.num_steps = 0
   config.train.num_epochs = 3
   assert sparsity_sweep._total_steps(config) == 30  # 100 examples, 10 per step, 3 epochs
+
+
+def test_data_pruning_quick(tmp_path):
+  command = [sys.executable, "experiments/data_pruning.py", "--config=configs/mnist1d.py",
+             f"--out={tmp_path}", "--quick", "--regimes=1000", "--config.model.width=8"]
+  completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  runs = {(r["part"], r["score"], r["policy"]): r for r in rows}
+  assert set(runs) == {("static", "none", "all"), ("static", "el2n", "hard"),
+                       ("static", "el2n", "ccs"), ("static", "forgetting", "hard"),
+                       ("static", "prototype", "hard"), ("dynamic", "none", "all"),
+                       ("dynamic", "infobatch", "infobatch"), ("dynamic", "none", "random")}
+  for (part, score, policy), row in runs.items():
+    if part == "static":  # the same number of updates, half the examples when pruned
+      assert int(row["steps"]) == 12
+      assert int(row["examples_kept"]) == (1000 if score == "none" else 500)
+    if score in ("el2n", "forgetting", "prototype"):
+      assert float(row["score_seconds"]) > 0  # the scores' cost is part of the table
+  infobatch = runs[("dynamic", "infobatch", "infobatch")]
+  full = runs[("dynamic", "none", "all")]
+  assert int(infobatch["steps"]) < int(full["steps"])  # epochs got shorter
+  # A random subset of the same cost: InfoBatch's fraction of the examples, the same epochs
+  # (each epoch rounds its steps down: within one step per epoch, 3 epochs here).
+  random = runs[("dynamic", "none", "random")]
+  assert abs(int(random["steps"]) - int(infobatch["steps"])) <= 3
+  for name in ("static.png", "dynamic.png"):
+    with open(tmp_path / name, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  for score in ("el2n", "forgetting", "prototype"):
+    assert (tmp_path / "scores_1000" / "scores" / f"{score}.json").exists()

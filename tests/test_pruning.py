@@ -159,10 +159,10 @@ def _arrays(n_train=203, n_test=50, seed=0):
   return ArrayDataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], 4)
 
 
-@pytest.fixture(scope="module")
-def linear_run():
-  """A Setup of a one-layer model (user_models.Linear-like, via flax) on 8 devices, its
-  parameters replaced by fixed NumPy weights."""
+@pytest.fixture(scope="module", params=["shard_map", "pmap"])
+def linear_run(request):
+  """A Setup of a one-layer flax model on 8 devices, on each backend, its parameters
+  replaced by fixed NumPy weights."""
   import flax.linen as nn
 
   class OneLayer(nn.Module):
@@ -177,6 +177,7 @@ def linear_run():
   config.train.batch_size = 16
   config.train.eval_batch_size = 24  # 203 = 8 x 24 + 11: the last batch is padded
   config.model.norm = "none"
+  config.parallel.backend = request.param
   run = train.setup(config, model=OneLayer(num_classes=4), dataset=dataset)
   fixed = Linear(dataset)
   state = jax.tree.map(parallel.local_value, run.backend.global_state(run.state))
@@ -306,3 +307,52 @@ def test_a_subset_run_never_sees_another_example(tmp_path):
   np.save(scores_path, s[:10])
   with pytest.raises(ConfigError, match=r"has shape \(10,\), but the dataset has 400"):
     train.setup(config, dataset=dataset)
+
+
+# --- Config errors and the larger MNIST-1D. ---
+
+@pytest.mark.parametrize("changes, message", [
+    ({"data_pruning.keep_fraction": 0.0}, r"keep_fraction=0.0 is not valid; it must be a "
+                                          r"fraction in \(0, 1\]"),
+    ({"data_pruning.policy": "hardest"}, "choose one of: hard, easy, random, ccs"),
+    ({"data_pruning.score": "loss"}, "choose one of: el2n, grand, forgetting, prototype, random"),
+    ({"data_pruning.keep_fraction": 0.5}, "needs the scores to choose by"),
+    ({"data_pruning.dynamic": "infobatch", "data_pruning.keep_fraction": 0.5,
+      "data_pruning.policy": "random"}, "cannot be combined"),
+    ({"data_pruning.policy": "ccs", "data_pruning.scores": "s.npy",
+      "data_pruning.keep_fraction": 0.95}, r"use keep_fraction <= 0.9"),
+    ({"data_pruning.prune_ratio": 1.0}, r"prune_ratio=1.0 is not valid"),
+    ({"dataset.name": "digits", "dataset.num_train_examples": 100},
+     "only for dataset.name=mnist1d"),
+])
+def test_data_pruning_config_errors(changes, message):
+  from jaxddp import config as config_lib
+  config = make_tiny_config()
+  for field, value in changes.items():
+    section, name = field.split(".")
+    config[section][name] = value
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(config)
+
+
+def test_infobatch_needs_a_length_in_whole_epochs():
+  config = make_tiny_config()  # num_steps=10
+  config.data_pruning.dynamic = "infobatch"
+  with pytest.raises(ConfigError, match="use config.train.num_epochs, not train.num_steps"):
+    train.setup(config)
+
+
+def test_a_larger_mnist1d_keeps_the_standard_examples_and_test_set(tmp_path, monkeypatch):
+  from jaxddp.data import embedded
+  monkeypatch.setenv("JAXDDP_CACHE", str(tmp_path))
+  standard = embedded.mnist1d()
+  larger = embedded.mnist1d(4205)
+  assert (standard.num_train_examples, larger.num_train_examples) == (4000, 4205)
+  np.testing.assert_array_equal(larger.train_x[:4000], standard.train_x)
+  np.testing.assert_array_equal(larger.test_x, standard.test_x)
+  assert not np.isin(larger.train_x[4000:, 0, 0], standard.train_x[:, 0, 0]).all()  # fresh
+  cached = list(tmp_path.iterdir())
+  assert [p.name for p in cached] == ["mnist1d_extra_seed43_210.npz"]
+  np.testing.assert_array_equal(embedded._cached_mnist1d(205)[0].astype(np.float32),
+                                larger.train_x[4000:, :, 0])  # read back from the cache
+  assert embedded.mnist1d(1000).num_train_examples == 1000
