@@ -93,7 +93,22 @@ class Scoring:
     return outputs_lib.per_example_outputs(
         run.backend, run.backend.put_state(state), batches,
         self.num_train_examples, what, loss_fn=_eval_loss(self.config),
-        chunk_size=self.config.data_pruning.chunk_size)
+        chunk_size=self.config.data_pruning.chunk_size, on_batch=_Progress(
+            f"{', '.join(what)} of {self.num_train_examples} examples", self.num_train_examples))
+
+
+class _Progress:
+  """Prints (on process 0) how far a pass over the training split is, every 10%."""
+
+  def __init__(self, what: str, total: int):
+    self.what, self.total, self.shown, self.start = what, total, 0, time.time()
+
+  def __call__(self, done: int) -> None:
+    tenths = done * 10 // self.total
+    if tenths > self.shown and jax.process_index() == 0:
+      self.shown = tenths
+      print(f"jaxddp.score: {self.what}: {done}/{self.total} in "
+            f"{time.time() - self.start:.1f}s", flush=True)
 
 
 def _eval_loss(config):

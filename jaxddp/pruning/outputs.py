@@ -97,14 +97,15 @@ def _outputs_step(state: TrainState, batch: dict, *, loss_fn, what: tuple[str, .
 
 def per_example_outputs(backend: parallel.Backend, state: TrainState, batches: Iterable[dict],
                         num_examples: int, what: Iterable[str] = ("logits", "loss", "correct"),
-                        *, loss_fn: Callable = losses.cross_entropy,
-                        chunk_size: int = 32) -> dict[str, np.ndarray]:
+                        *, loss_fn: Callable = losses.cross_entropy, chunk_size: int = 32,
+                        on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
   """{output: array with one row per example, in index order} over `batches` (this
   process's part of padded, masked batches with "index", e.g.
   dataset.eval_batches(..., split="train")), which must hold each of the
   `num_examples` examples exactly once (checked: a ValueError otherwise).
 
-  `state` is the backend's device view (backend.put_state).
+  `state` is the backend's device view (backend.put_state). on_batch(examples done so
+  far) is called after each batch (progress).
   """
   what = tuple(what)
   unknown = set(what) - set(OUTPUTS)
@@ -126,6 +127,8 @@ def per_example_outputs(backend: parallel.Backend, state: TrainState, batches: I
       if name not in result:
         result[name] = np.zeros((num_examples, *values.shape[1:]), values.dtype)
       result[name][index] = values[real]
+    if on_batch is not None:
+      on_batch(int(seen.sum()))
   if not (seen == 1).all():
     missing, repeated = int((seen == 0).sum()), int((seen > 1).sum())
     raise ValueError(f"the batches must hold each of the {num_examples} examples exactly once: "
