@@ -248,28 +248,25 @@ SCORE_ARGS = ["--config=configs/mnist1d.py", "--config.model.width=8",
               "--config.data_pruning.score=grand"]
 
 
-def _score_in_processes(workdir, num_processes=None, devices=1):
-  command = [sys.executable, "-m", "jaxddp.score", *SCORE_ARGS, f"--workdir={workdir}",
-             f"--config.parallel.cpu_devices={devices}"]
-  if num_processes:
-    command = [sys.executable, LAUNCHER, "-n", str(num_processes), "--", *command]
-  completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert completed.returncode == 0, completed.stderr[-3000:]
-  return np.load(os.path.join(workdir, "scores", "grand.npy"))
-
-
 def test_scores_agree_on_1_and_8_devices_and_2_processes(tmp_path):
   """GraNd at initialisation (two seeds), averaged: the per-example gradients of a CNN
-  with batch norm, every example once, the remainder batch padded (4000 = 41 x 96 + 64)."""
+  with batch norm, every example once, the remainder batch padded (4000 = 41 x 96 + 64).
+  1 and 8 devices here; 2 processes x 2 devices through scripts/launch_local.py."""
   from jaxddp import score
-  one = _score_in_processes(tmp_path / "one")
-  two_by_two = _score_in_processes(tmp_path / "two", num_processes=2, devices=2)
+  command = [sys.executable, LAUNCHER, "-n", "2", "--", sys.executable, "-m", "jaxddp.score",
+             *SCORE_ARGS, f"--workdir={tmp_path / 'two'}", "--config.parallel.cpu_devices=2"]
+  completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  two_by_two = np.load(tmp_path / "two" / "scores" / "grand.npy")
   config = make_tiny_config()
   config.train.batch_size, config.train.eval_batch_size = 64, 96
   dp = config.data_pruning
   dp.num_runs, dp.score_epochs, dp.chunk_size, dp.score = 2, 0, 8, "grand"
-  config.parallel.cpu_devices = 8
-  eight = score.score(config, str(tmp_path / "eight"))
+  by_devices = {}
+  for devices in (1, 8):
+    config.parallel.cpu_devices = devices
+    by_devices[devices] = score.score(config, str(tmp_path / f"devices{devices}"))
+  one, eight = by_devices[1], by_devices[8]
   assert one.shape == eight.shape == two_by_two.shape == (4000,)
   assert np.isfinite(one).all() and (one > 0).all()
   for other in (eight, two_by_two):
