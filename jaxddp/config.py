@@ -200,6 +200,9 @@ def _validate_data_pruning(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.data_pruning.keep_fraction={keep} needs the scores to choose "
                       "by: --config.data_pruning.scores=W/scores/<score>.npy (python -m "
                       "jaxddp.score writes them), or policy=random")
+  if dp.scores and keep == 1:
+    raise ConfigError("config.data_pruning.scores is set but keep_fraction=1 keeps every "
+                      "example; set --config.data_pruning.keep_fraction below 1")
   if dp.policy == "ccs" and keep > 1 - dp.ccs_drop_fraction:
     raise ConfigError(f"config.data_pruning.keep_fraction={keep} is more than what ccs keeps "
                       f"after dropping the hardest ccs_drop_fraction={dp.ccs_drop_fraction}; "

@@ -254,8 +254,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_pruning.class_balance = False
   # --- Dynamic pruning: none, or infobatch (Qin et al. 2024): each epoch, a random
   # prune_ratio of the examples whose last loss is below the mean are skipped and
-  # the other low-loss ones weigh 1/(1 - prune_ratio); from anneal_fraction of the
-  # epochs on, all the data with weight 1.
+  # the other low-loss ones weigh 1/(1 - prune_ratio); the last
+  # floor((1 - anneal_fraction) x epochs) epochs use all the data with weight 1 (2
+  # of 20 by default). The run's length must be whole epochs (train.num_epochs).
   config.data_pruning.dynamic = "none"
   config.data_pruning.prune_ratio = 0.5
   config.data_pruning.anneal_fraction = 0.875

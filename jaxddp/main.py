@@ -1,4 +1,4 @@
-"""Command-line entry point.
+r"""Command-line entry point.
 
     python -m jaxddp.main --config=configs/mnist1d.py --workdir=runs/mnist1d \
         [--config.train.batch_size=512 ...]
@@ -56,10 +56,16 @@ def _make_config_package_importable(argv: list[str]) -> None:
         sys.path.insert(0, os.path.dirname(config_dir))
 
 
-def main(argv: list[str] | None = None, command: Callable[[Any, str], Any] | None = None) -> None:
+def main(argv: list[str] | None = None, command: Callable[[Any, str], Any] | None = None,
+         usage: str | None = None) -> None:
   """Parses the flags, joins a multi-process run, then runs `command(config, workdir)`
-  (default: train.train_and_evaluate; jaxddp.score passes its own) with one-line errors."""
+  (default: train.train_and_evaluate; jaxddp.score passes its own) with one-line errors.
+  --help prints `usage` (default: this module's docstring)."""
   argv = list(sys.argv if argv is None else argv)
+  if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
+    print((usage or __doc__).strip() + "\n\nEvery config field, with its default and meaning: "
+          "jaxddp/default_config.py (override any with --config.SECTION.FIELD=VALUE).")
+    sys.exit(0)
   _make_config_package_importable(argv)
   try:
     flags.FLAGS(argv)

@@ -1,14 +1,15 @@
-"""Scores every training example, data-parallel: `python -m jaxddp.score`.
+r"""Scores every training example, data-parallel: `python -m jaxddp.score`.
 
-    python -m jaxddp.score --config=configs/mnist1d.py --workdir=runs/scores \
+    python -m jaxddp.score --config=configs/mnist1d.py --workdir=runs/mnist1d_scores \
         --config.data_pruning.score=el2n [--config.data_pruning.num_runs=4 ...]
 
 writes workdir/scores/<score>.npy (float32, one score per training example in the
 dataset's index order, higher = harder) and workdir/scores/<score>.json (how they
 were made: the score, runs, seeds, epochs, time). The runs a score trains (el2n and
 grand: num_runs seeds for score_epochs epochs; forgetting: one whole run) live in
-workdir/score_runs/ (named by seed and epochs: el2n and grand share theirs), so a
-killed scoring job resumes them. Train on a
+workdir/score_runs/ (named by seed, epochs and a digest of their config: el2n and
+grand share theirs, a changed config trains new ones), so a killed scoring job
+resumes them. Train on a
 subset with --config.data_pruning.scores=workdir/scores/<score>.npy.
 
 The same command on 1 device, 8 devices or several processes gives the same scores.
@@ -17,6 +18,7 @@ The same command on 1 device, 8 devices or several processes gives the same scor
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import os
@@ -30,6 +32,7 @@ import numpy as np
 
 from jaxddp import checkpoint, parallel, train
 from jaxddp.config import ConfigError
+from jaxddp.default_config import get_config
 from jaxddp.pruning import outputs as outputs_lib
 from jaxddp.pruning.scores import SCORES
 
@@ -57,22 +60,35 @@ class Scoring:
         config.train.num_epochs = int(epochs) if float(epochs).is_integer() else float(epochs)
       config.train.num_steps = 0
     config.init_from.workdir, config.init_from.step, config.init_from.skip = "", 0, ""
+    defaults = get_config().data_pruning
+    for field in _SCORING_ONLY:  # they do not change the run: el2n and grand share it
+      config.data_pruning[field] = defaults[field]
     for field, value in overrides.items():
       config.data_pruning[field] = value
     return config
 
   def trained_state(self, name: str, seed: int, epochs: float, **overrides):
     config = self._run_config(seed, epochs, **overrides)
-    # Named by what makes them, so el2n and grand share their runs.
-    workdir = os.path.join(self.workdir, "score_runs", f"{name}_seed{seed}_epochs{epochs:g}")
+    label = f"{name}_seed{seed}"
     if epochs == 0:  # the initialisation of this seed
+      self._say(f"initialising {label}")
       state = train.setup(config, **self.given).state
-      self.runs[f"{name}_seed{seed}"] = {"seed": seed, "epochs": 0}
+      self.runs[label] = {"seed": seed, "epochs": 0}
       return jax.tree.map(parallel.local_value, self.run.backend.global_state(state))
+    # Named by everything that makes the run (a digest of its config and of the objects
+    # given), so a changed config never resumes an old run.
+    workdir = os.path.join(self.workdir, "score_runs",
+                           f"{label}_epochs{epochs:g}_{_digest(config, self.given)}")
+    self._say(f"training {label} for {epochs:g} epochs in {workdir}")
     result = train.train_and_evaluate(config, workdir, **self.given)
-    self.runs[f"{name}_seed{seed}"] = {"seed": seed, "epochs": epochs, "workdir": workdir,
-                       "test_accuracy": result.eval_metrics["accuracy"]}
+    self.runs[label] = {"seed": seed, "epochs": epochs, "workdir": workdir,
+                        "test_accuracy": result.eval_metrics["accuracy"]}
     return jax.tree.map(parallel.local_value, result.state)
+
+  @staticmethod
+  def _say(line: str) -> None:
+    if jax.process_index() == 0:
+      print(f"jaxddp.score: {line}", flush=True)
 
   def init_from_state(self):
     if not self.config.init_from.workdir:
@@ -109,6 +125,16 @@ class _Progress:
       self.shown = tenths
       print(f"jaxddp.score: {self.what}: {done}/{self.total} in "
             f"{time.time() - self.start:.1f}s", flush=True)
+
+
+# data_pruning fields that only say how scores are made, not how a run trains.
+_SCORING_ONLY = ("score", "num_runs", "score_epochs", "num_clusters", "chunk_size")
+
+
+def _digest(config: ml_collections.ConfigDict, given: dict[str, Any]) -> str:
+  described = {name: train.describe(value) for name, value in given.items()}
+  text = json.dumps([config.to_dict(), described], sort_keys=True, default=str)
+  return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def _eval_loss(config):
@@ -148,7 +174,7 @@ def score(config: ml_collections.ConfigDict, workdir: str, **given: Any) -> np.n
 
 def main(argv: list[str] | None = None) -> None:
   from jaxddp import main as entry
-  entry.main(argv, command=score)
+  entry.main(argv, command=score, usage=__doc__)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
   `model`, `dataset` and `loss_fn`, if given, replace what config.model.name,
   config.dataset.name and config.train.loss would name.
   """
-  given = {name: _describe(value) for name, value in
+  given = {name: describe(value) for name, value in
            (("model", model), ("dataset", dataset), ("loss_fn", loss_fn)) if value is not None}
   config_lib.validate(config, model_given=model is not None, dataset_given=dataset is not None,
                       loss_given=loss_fn is not None)
@@ -419,7 +419,7 @@ def _stop_requested(stop: StopSignal, done: int, log_every: int) -> bool:
   return done % log_every == 0 and distributed.agree_any(stop.received is not None)
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
   """How config.json names an object passed to train_and_evaluate: its class's (or, for a
   function, its own) module:qualified name."""
   named = value if callable(value) and not isinstance(value, nn.Module) else type(value)

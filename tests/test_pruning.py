@@ -319,6 +319,7 @@ def test_a_subset_run_never_sees_another_example(tmp_path):
     ({"data_pruning.policy": "ccs", "data_pruning.scores": "s.npy",
       "data_pruning.keep_fraction": 0.95}, r"use keep_fraction <= 0.9"),
     ({"data_pruning.prune_ratio": 1.0}, r"prune_ratio=1.0 is not valid"),
+    ({"data_pruning.scores": "s.npy"}, "keep_fraction=1 keeps every example"),
     ({"dataset.name": "digits", "dataset.num_train_examples": 100},
      "only for dataset.name=mnist1d"),
 ])
@@ -353,3 +354,38 @@ def test_a_larger_mnist1d_keeps_the_standard_examples_and_test_set(tmp_path, mon
   np.testing.assert_array_equal(embedded._cached_mnist1d(205)[0].astype(np.float32),
                                 larger.train_x[4000:, :, 0])  # read back from the cache
   assert embedded.mnist1d(1000).num_train_examples == 1000
+
+
+def test_bad_scores_files_and_tiny_subsets_are_one_line(tmp_path):
+  from jaxddp.pruning import training
+  (tmp_path / "scores").mkdir()
+  np.save(tmp_path / "scores" / "el2n.npy", np.zeros(100))
+  with pytest.raises(ConfigError, match=r"is a directory; give the scores file itself, e\.g\. "
+                                        r".*scores/el2n\.npy"):
+    training.load_scores(str(tmp_path), 100)
+  (tmp_path / "el2n.json").write_text('{"score": "el2n"}')
+  with pytest.raises(ConfigError, match=r"is not an \.npy file of numbers"):
+    training.load_scores(str(tmp_path / "el2n.json"), 100)
+  config = make_tiny_config()  # batch 64
+  config.data_pruning.scores = str(tmp_path / "scores" / "el2n.npy")
+  config.data_pruning.keep_fraction = 0.5
+  with pytest.raises(ConfigError, match="keeps 50 of the 100 training examples, fewer than one "
+                                        "batch of 64"):
+    training.kept_examples(config, _arrays(n_train=100))
+
+
+def test_score_runs_are_shared_by_scores_and_renewed_by_a_changed_config():
+  """el2n and grand train the same runs (same workdir); another learning rate trains anew."""
+  import types
+  from jaxddp import score
+  def workdir_name(**changes):
+    config = make_tiny_config()
+    for field, value in changes.items():
+      section, name = field.split(".")
+      config[section][name] = value
+    run_config = score.Scoring._run_config(types.SimpleNamespace(config=config), 3, 2.0)
+    return score._digest(run_config, {})
+  el2n = workdir_name(**{"data_pruning.score": "el2n", "data_pruning.num_runs": 4})
+  assert workdir_name(**{"data_pruning.score": "grand", "data_pruning.chunk_size": 4}) == el2n
+  assert workdir_name(**{"optimizer.learning_rate": 0.05}) != el2n
+  assert workdir_name(**{"dataset.num_train_examples": 6000}) != el2n

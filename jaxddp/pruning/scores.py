@@ -12,6 +12,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from jaxddp.config import ConfigError
 from jaxddp.registry import Registry
 
 
@@ -101,6 +102,9 @@ def _forgetting(scoring: Scoring) -> tuple[np.ndarray, dict]:
 @SCORES.register("prototype")
 def _prototype(scoring: Scoring) -> tuple[np.ndarray, dict]:
   config = scoring.config
+  if config.data_pruning.num_clusters > scoring.num_train_examples:
+    raise ConfigError(f"config.data_pruning.num_clusters={config.data_pruning.num_clusters} is "
+                      f"more than the {scoring.num_train_examples} training examples")
   out = scoring.outputs(scoring.init_from_state(), ("embedding",))
   scores = prototype(out["embedding"], config.data_pruning.num_clusters, config.seed)
   return scores, {"init_from": config.init_from.workdir,

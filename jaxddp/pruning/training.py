@@ -21,6 +21,7 @@ reaches its end when the last epoch does, however many steps the epochs had.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import inspect
 import itertools
 import math
@@ -56,23 +57,28 @@ def kept_examples(config: ml_collections.ConfigDict, dataset) -> np.ndarray | No
   except ValueError as error:
     raise ConfigError(f"config.data_pruning: {error} (lower keep_fraction or "
                       "ccs_drop_fraction)") from None
-  if len(kept) == 0:
-    raise ConfigError(f"config.data_pruning.keep_fraction={dp.keep_fraction} keeps no example "
-                      f"of the {len(scores)}")
+  batch = config.train.batch_size * config.train.accumulation_steps
+  if len(kept) < batch:
+    raise ConfigError(f"config.data_pruning.keep_fraction={dp.keep_fraction} keeps {len(kept)} "
+                      f"of the {len(scores)} training examples, fewer than one batch of {batch}")
   return kept
 
 
 def load_scores(path: str, num_examples: int) -> np.ndarray:
   """One finite float per training example from an .npy file, or a one-line ConfigError."""
   field = f"config.data_pruning.scores={path!r}"
+  if os.path.isdir(path):
+    found = sorted(glob.glob(os.path.join(path, "**", "*.npy"), recursive=True))[:3]
+    raise ConfigError(f"{field} is a directory; give the scores file itself"
+                      + (f", e.g. {found[0]}" if found else " (WORKDIR/scores/<score>.npy)"))
   if not os.path.isfile(path):
     raise ConfigError(f"{field}: no such file (write one with `python -m jaxddp.score`)")
   try:
     scores = np.load(path, allow_pickle=False)
-  except Exception as error:  # not an .npy file
-    raise ConfigError(f"{field} could not be read as an .npy file: {type(error).__name__}: "
-                      f"{error}") from None
-  if scores.ndim != 1 or len(scores) != num_examples:
+  except Exception:  # not an .npy file: a .json, text, a pickle
+    raise ConfigError(f"{field} is not an .npy file of numbers; scores are the "
+                      "WORKDIR/scores/<score>.npy that `python -m jaxddp.score` writes") from None
+  if not isinstance(scores, np.ndarray) or scores.ndim != 1 or len(scores) != num_examples:
     raise ConfigError(f"{field} has shape {scores.shape}, but the dataset has {num_examples} "
                       f"training examples: it needs one score each ({num_examples},)")
   if scores.dtype.kind not in "biuf" or not np.isfinite(scores).all():
@@ -140,12 +146,15 @@ def describe(config: ml_collections.ConfigDict, dataset_size: int, kept: np.ndar
   dp = config.data_pruning
   if kept is not None:
     scores = f", scores {dp.scores}" if dp.scores else ""
-    return (f"static subset: {len(kept)} of {dataset_size} examples kept ({dp.policy}, "
-            f"keep_fraction {dp.keep_fraction}{scores})")
+    balanced = ", class-balanced" if dp.class_balance else ""
+    return (f"static subset: {len(kept)} of {dataset_size} examples kept ({dp.policy}"
+            f"{balanced}, keep_fraction {dp.keep_fraction}{scores})")
   if is_dynamic(config):
     epochs = recipe.total_steps // recipe.steps_per_epoch
-    return (f"infobatch: prune_ratio {dp.prune_ratio}, full data from epoch "
-            f"{anneal_epoch(config, epochs)} of {epochs}; at most {recipe.total_steps} steps")
+    pruned = min(anneal_epoch(config, epochs), epochs)
+    return (f"infobatch: prune_ratio {dp.prune_ratio}, prunes in the first {pruned} of {epochs} "
+            f"epochs (the first sees everything), all the data in the last {epochs - pruned}; "
+            f"at most {recipe.total_steps} steps")
   return "none"
 
 
