@@ -109,6 +109,11 @@ class Experiment:
     with open(path[:-4] + ".json") as f:
       return path, json.load(f)["seconds"]
 
+  def run_dir(self, part: str, regime: int, score: str, policy: str, keep: float,
+              prune_ratio: float = 0.0) -> str:
+    return os.path.join(self.out, "runs",
+                        f"{part}_{regime}_{score}_{policy}_k{keep:g}_r{prune_ratio:g}")
+
   def train(self, part: str, regime: int, score: str, policy: str, keep: float,
             prune_ratio: float = 0.0, score_seconds: float = 0.0, **changes) -> dict:
     from jaxddp import train
@@ -117,8 +122,7 @@ class Experiment:
     key = _key({k: str(v) for k, v in row.items()})
     if key in self.done:
       return self.done[key]
-    name = f"{part}_{regime}_{score}_{policy}_k{keep:g}_r{prune_ratio:g}"
-    workdir = os.path.join(self.out, "runs", name)
+    workdir = self.run_dir(part, regime, score, policy, keep, prune_ratio)
     config = _config(self.base, regime, **changes)
     start = time.time()
     result = train.train_and_evaluate(config, workdir)
@@ -141,12 +145,11 @@ class Experiment:
 
 def run_static(exp: Experiment, regime: int, steps: int) -> None:
   fixed = {"train.num_steps": steps}
-  full = exp.train("static", regime, "none", "all", 1.0, **fixed)
-  del full
+  exp.train("static", regime, "none", "all", 1.0, **fixed)  # the reference
   el2n, el2n_seconds = exp.score(regime, "el2n", **{
       "data_pruning.num_runs": exp.settings.el2n_runs,
       "data_pruning.score_epochs": exp.settings.score_epochs})
-  reference = os.path.join(exp.out, "runs", f"static_{regime}_none_all_k1_r0")
+  reference = exp.run_dir("static", regime, "none", "all", 1.0)
   steps_per_epoch = regime // exp.base.train.batch_size
   forgetting, forgetting_seconds = exp.score(
       regime, "forgetting", **{"train.num_epochs": max(1, round(steps / steps_per_epoch))})

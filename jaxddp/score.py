@@ -9,8 +9,8 @@ were made: the score, runs, seeds, epochs, time). The runs a score trains (el2n 
 grand: num_runs seeds for score_epochs epochs; forgetting: one whole run) live in
 workdir/score_runs/ (named by seed, epochs and a digest of their config: el2n and
 grand share theirs, a changed config trains new ones), so a killed scoring job
-resumes them. Train on a
-subset with --config.data_pruning.scores=workdir/scores/<score>.npy.
+resumes them. Train on a subset with
+--config.data_pruning.scores=workdir/scores/<score>.npy.
 
 The same command on 1 device, 8 devices or several processes gives the same scores.
 """
@@ -30,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxddp import checkpoint, parallel, train
+from jaxddp import checkpoint, losses, parallel, train
 from jaxddp.config import ConfigError
 from jaxddp.default_config import get_config
 from jaxddp.pruning import outputs as outputs_lib
@@ -137,9 +137,8 @@ def _digest(config: ml_collections.ConfigDict, given: dict[str, Any]) -> str:
   return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def _eval_loss(config):
-  from jaxddp import losses
-  return losses.get(config, None)[1]
+def _eval_loss(config: ml_collections.ConfigDict):
+  return losses.get(config, None)[1]  # (train loss, eval loss): the reported one
 
 
 def score(config: ml_collections.ConfigDict, workdir: str, **given: Any) -> np.ndarray:
