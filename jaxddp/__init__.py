@@ -8,9 +8,12 @@
                                        dataset=data)
 
     scores = jaxddp.score_examples(config, "runs/scores")  # data pruning: one per example
+    cost = jaxddp.scaling.model_cost(config, (40, 1), 10)  # N and FLOPs per example
 
 `jaxddp.models.register` and `jaxddp.data.register` add a model or dataset by name;
 `jaxddp.nn` holds layers for any Flax model (GhostBatchNorm, MaskedDense, MaskedConv).
+`jaxddp.scaling` fits IsoFLOP profiles and plans a budget; `jaxddp.cascade` routes
+examples between a cheap and a large model.
 The modules load on first use, so `python -m jaxddp.main --help` stays fast.
 """
 
@@ -19,12 +22,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["data", "get_config", "models", "nn", "pruning", "score_examples",
-           "train_and_evaluate"]
+__all__ = ["cascade", "data", "get_config", "models", "nn", "pruning", "scaling",
+           "score_examples", "train_and_evaluate"]
 
-_SUBMODULES = ("checkpoint", "config", "data", "distributed", "losses", "metrics", "models",
-               "nn", "optim", "parallel", "pruning", "registry", "score", "sparsity", "state",
-               "steps", "train")
+_SUBMODULES = ("cascade", "checkpoint", "config", "data", "distributed", "losses", "metrics",
+               "models", "nn", "optim", "parallel", "pruning", "registry", "scaling", "score",
+               "sparsity", "state", "steps", "train")
 
 
 def get_config():

@@ -1,7 +1,9 @@
-"""Test set-up: 8 emulated CPU devices, set before JAX starts its backends."""
+"""Test set-up: 8 emulated CPU devices, set before JAX starts its backends, and a disk
+cache of compiled programs."""
 
 import os
 import sys
+import tempfile
 
 import jax
 import pytest
@@ -11,6 +13,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
 jax.config.update("jax_platforms", "cpu")
+# Most of the suite's time is compilation, and many tests (and the processes they
+# start, which inherit these variables) compile the same small programs: JAX's
+# persistent cache compiles each once. Its key holds the program, devices, options
+# and JAX's version, so a hit is the same executable.
+_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(),
+                                                    "jaxddp-tests-jax-cache"),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+for _name, _value in _CACHE.items():
+  os.environ.setdefault(_name, _value)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)  # so `configs` imports as a package, as from the command line
 

@@ -1,0 +1,229 @@
+r"""A cascade of a cheap and a large model on MNIST-1D: accuracy against inference FLOPs.
+
+    python experiments/cascade.py --config=configs/mnist1d.py --out=runs/cascade \
+        --config.dataset.num_train_examples=8000 --validation_examples=4000
+
+The last --validation_examples of the config's training set are held out: both
+models (the config's model at --cheap_width and at --large_width) train on the rest,
+in OUT/cheap and OUT/large (or --cheap_workdir / --large_workdir; a finished run there
+is reused, one trained on other examples is refused). With the command above they
+train on the standard 4000 and the held-out 4000 are fresh MNIST-1D examples.
+
+Both models' logits on every validation and test example, each exactly once,
+come from jaxddp.pruning.outputs.per_example_outputs (data-parallel over the
+config's devices). For each threshold t of --thresholds the cheap model answers where
+its top softmax probability is at least t and the large model answers the rest
+(jaxddp.cascade). The threshold is chosen on the validation slice, never on the
+test set: the cheapest (fewest inference FLOPs per example) whose validation accuracy
+is within --tolerance of the large model's.
+
+Writes OUT/cascade.csv (split, threshold, accuracy, fraction deferred, FLOPs per
+example), OUT/summary.json, OUT/test_outputs.npz (per-example labels and both
+models' logits on the test set) and OUT/cascade.png. --quick: tiny runs, for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/mnist1d.py.")
+_OUT = flags.DEFINE_string("out", None, "Output folder.")
+_CHEAP_WIDTH = flags.DEFINE_integer("cheap_width", 8, "config.model.width of the cheap model.")
+_LARGE_WIDTH = flags.DEFINE_integer("large_width", 64, "config.model.width of the large model.")
+_CHEAP_WORKDIR = flags.DEFINE_string("cheap_workdir", None, "The cheap run (default OUT/cheap).")
+_LARGE_WORKDIR = flags.DEFINE_string("large_workdir", None, "The large run (default OUT/large).")
+_VALIDATION = flags.DEFINE_integer("validation_examples", 4000,
+                                   "Training examples held out to choose the threshold.")
+_TOLERANCE = flags.DEFINE_float("tolerance", 0.001,
+                                "Accuracy the cascade may lose against the large model (0.001 "
+                                "= 0.1 points).")
+_THRESHOLDS = flags.DEFINE_integer("thresholds", 200, "Thresholds in [0, 1] (and one above 1).")
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny runs: a smoke test.")
+
+
+def _model_config(base, width: int):
+  config = base.copy_and_resolve_references()
+  config.model.width = width
+  config.train.log_every = 10**9
+  config.train.checkpoint_every = 10**9
+  return config
+
+
+def _split(dataset, validation: int):
+  """(training part, validation part) of an ArrayDataset: the last `validation` held out."""
+  from jaxddp import data
+  if not isinstance(dataset, data.ArrayDataset):
+    raise app.UsageError("cascade.py holds out part of an in-memory training set "
+                         f"(ArrayDataset); {type(dataset).__name__} is not one")
+  n = dataset.num_train_examples
+  if not 0 < validation < n:
+    raise app.UsageError(f"--validation_examples={validation} must be between 0 and the "
+                         f"{n} training examples")
+  keep = n - validation
+  make = lambda x, y, name: data.ArrayDataset(x, y, dataset.test_x, dataset.test_y,
+                                              dataset.num_classes, name=name,
+                                              max_shift=dataset.max_shift)
+  return (make(dataset.train_x[:keep], dataset.train_y[:keep], f"{dataset.name}[:{keep}]"),
+          make(dataset.train_x[keep:], dataset.train_y[keep:], f"{dataset.name}[{keep}:]"))
+
+
+def _check_workdir(workdir: str, examples: int, width: int) -> None:
+  """Refuses a run that trained on other examples or at another width."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  trained_on = saved["recipe"]["num_train_examples"]
+  saved_width = saved["config"]["model"]["width"]
+  if trained_on != examples or saved_width != width:
+    raise app.UsageError(
+        f"{workdir} holds a run of width {saved_width} on {trained_on} examples; the cascade "
+        f"needs width {width} trained on the first {examples} (the rest choose the threshold)")
+
+
+def _logits(config, state, dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(logits, labels) of every example of dataset's split, each exactly once."""
+  import jax
+
+  from jaxddp import parallel, train
+  from jaxddp.pruning import outputs
+  run = train.setup(config, dataset=dataset)
+  base = jax.tree.map(parallel.local_value, run.backend.global_state(run.state))
+  state = base.replace(params=state.params, batch_stats=state.batch_stats, masks=state.masks)
+  batches = dataset.eval_batches(global_batch_size=run.recipe.eval_global_batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count(), split=split)
+  count = dataset.num_train_examples if split == "train" else dataset.num_test_examples
+  out = outputs.per_example_outputs(run.backend, run.backend.put_state(state), batches, count,
+                                    ("logits",))
+  return out["logits"], out["label"]
+
+
+class Model:
+  """A trained member of the cascade: its logits on validation and test, its FLOPs."""
+
+  def __init__(self, base, width: int, workdir: str, training, validation):
+    import jax
+
+    from jaxddp import parallel, scaling, train
+    config = _model_config(base, width)
+    _check_workdir(workdir, training.num_train_examples, width)
+    result = train.train_and_evaluate(config, workdir, dataset=training)
+    state = jax.tree.map(parallel.local_value, result.state)
+    self.width, self.workdir = width, workdir
+    self.run_test_accuracy = result.eval_metrics["accuracy"]
+    self.validation_logits, self.validation_labels = _logits(config, state, validation, "train")
+    self.test_logits, self.test_labels = _logits(config, state, validation, "test")
+    self.flops = scaling.model_cost(config, training.input_shape,
+                                    training.num_classes).forward_flops
+
+
+def plot(rows: list[dict], summary: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for split, style in (("test", dict(color="C0", lw=1.5)),
+                       ("validation", dict(color="C0", lw=1, ls=":"))):
+    points = sorted((r["flops"], r["accuracy"] * 100) for r in rows if r["split"] == split)
+    ax.plot(*zip(*points), label=f"cascade, thresholds 0 to 1 ({split})", **style)
+  for name, marker in (("cheap", "o"), ("large", "s")):
+    model = summary[name]
+    ax.scatter([model["flops"]], [model["test_accuracy"] * 100], marker=marker, s=70, zorder=3,
+               color="black", label=f"{name} model alone (width {model['width']}, test)")
+  chosen = summary["chosen"]
+  ax.scatter([chosen["test_flops"]], [chosen["test_accuracy"] * 100], marker="*", s=200,
+             color="C3", zorder=4, label=f"threshold {chosen['threshold']:.3f}, chosen on "
+             "validation (test)")
+  ax.set(xscale="log", xlabel="inference FLOPs per example", ylabel="accuracy (%)",
+         title="cheap model answers when its top probability >= t, else the large one")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize="small", loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if _CONFIG.value is None or not _OUT.value:
+    raise app.UsageError("--config and --out are required")
+  from experiments.results import append_row
+  from jaxddp import cascade, data
+  from jaxddp import config as config_lib
+  base = _CONFIG.value
+  cheap_width, large_width, validation = _CHEAP_WIDTH.value, _LARGE_WIDTH.value, _VALIDATION.value
+  if _QUICK.value:
+    base.train.num_steps, base.train.batch_size = 20, 32
+    cheap_width, large_width, validation = 2, 8, 500
+  config_lib.validate(base)
+  out = _OUT.value
+  os.makedirs(out, exist_ok=True)
+  training, held_out = _split(data.load_dataset(base), validation)
+  cheap = Model(base, cheap_width, _CHEAP_WORKDIR.value or os.path.join(out, "cheap"), training,
+                held_out)
+  large = Model(base, large_width, _LARGE_WORKDIR.value or os.path.join(out, "large"), training,
+                held_out)
+  thresholds = [*np.linspace(0.0, 1.0, _THRESHOLDS.value + 1), 1.01]
+  sweeps = {split: cascade.sweep(getattr(cheap, f"{split}_logits"),
+                                 getattr(large, f"{split}_logits"),
+                                 getattr(cheap, f"{split}_labels"), thresholds, cheap.flops,
+                                 large.flops) for split in ("validation", "test")}
+  large_validation = sweeps["validation"][-1].accuracy  # t > 1: the large model's answers
+  chosen = cascade.cheapest_within(sweeps["validation"], large_validation, _TOLERANCE.value)
+  on_test = sweeps["test"][thresholds.index(chosen.threshold)]
+  models = {name: {"width": m.width, "workdir": m.workdir, "flops": m.flops,
+                   "validation_accuracy": sweeps["validation"][0 if name == "cheap" else -1]
+                   .accuracy, "test_accuracy": sweeps["test"][0 if name == "cheap" else -1]
+                   .accuracy, "run_test_accuracy": m.run_test_accuracy}
+            for name, m in (("cheap", cheap), ("large", large))}
+  summary = {**models, "validation_examples": validation, "test_examples": len(cheap.test_labels),
+             "tolerance": _TOLERANCE.value,
+             "chosen": {"threshold": chosen.threshold,
+                        "validation_accuracy": chosen.accuracy,
+                        "validation_deferred": chosen.deferred,
+                        "test_accuracy": on_test.accuracy, "test_deferred": on_test.deferred,
+                        "test_flops": on_test.flops,
+                        "flops_saved": 1 - on_test.flops / large.flops}}
+  rows = [{"split": split, "threshold": p.threshold, "accuracy": p.accuracy,
+           "deferred": p.deferred, "flops": p.flops}
+          for split, points in sweeps.items() for p in points]
+  path = os.path.join(out, "cascade.csv")
+  if os.path.exists(path):
+    os.remove(path)
+  for row in rows:
+    append_row(path, list(rows[0]), row)
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  np.savez(os.path.join(out, "test_outputs.npz"), labels=cheap.test_labels,
+           cheap_logits=cheap.test_logits, large_logits=large.test_logits,
+           large_labels=large.test_labels)
+  plot(rows, summary, os.path.join(out, "cascade.png"))
+  for name in ("cheap", "large"):
+    m = summary[name]
+    print(f"{name} model (width {m['width']}): {m['flops'] / 1e6:.3f} MFLOPs per example, "
+          f"accuracy {m['validation_accuracy']:.2%} validation, {m['test_accuracy']:.2%} test")
+  c = summary["chosen"]
+  print(f"cascade: threshold {c['threshold']:.3f} (the cheapest within {_TOLERANCE.value:.1%} of "
+        f"the large model on {validation} validation examples): test accuracy "
+        f"{c['test_accuracy']:.2%}, {c['test_deferred']:.1%} deferred, "
+        f"{c['test_flops'] / 1e6:.3f} MFLOPs per example, "
+        + (f"{c['flops_saved']:.1%} fewer than the large model alone" if c["flops_saved"] >= 0
+           else f"{-c['flops_saved']:.1%} more than the large model alone"))
+  print(f"wrote {path}, {os.path.join(out, 'summary.json')} and "
+        f"{os.path.join(out, 'cascade.png')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
