@@ -48,8 +48,8 @@ from experiments.results import append_row, read_rows  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/mnist1d.py.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for results.csv, fit.json, isoflop.png.")
-_BUDGETS = flags.DEFINE_list("budgets", ["1e10", "3e10", "1e11", "3e11"],
-                             "Training budgets in FLOPs.")
+_BUDGETS = flags.DEFINE_list("budgets", ["1e10", "2e10", "3e10", "6e10", "1e11", "2e11",
+                                         "3e11"], "Training budgets in FLOPs.")
 _WIDTHS = flags.DEFINE_list("widths", ["2", "3", "4", "6", "8", "12", "16", "24", "32", "48",
                                        "64"], "Widths of the model family (config.model.width).")
 _MIN_STEPS = flags.DEFINE_integer("min_steps", 16, "Fewest steps a run may have.")
@@ -131,7 +131,7 @@ class Experiment:
       self._pool = pool
     return self._pool
 
-  def train(self, part: str, budget: float, width: int, seed: int) -> dict:
+  def train(self, part: str, budget: float, width: int, seed: int, progress: str = "") -> dict:
     from jaxddp import data, train
     key = (part, float(budget), width, seed)
     if key in self.done:
@@ -155,8 +155,8 @@ class Experiment:
            "seconds": round(time.time() - start, 1)}
     append_row(self.results, FIELDS, row)
     self.done[key] = {k: str(v) for k, v in row.items()}
-    print(f"{part} C={budget:.3g} width {width:<4} seed {seed} N={cost.params:<8} D={examples:<8} "
-          f"test loss {row['test_loss']:.4f} accuracy {row['test_accuracy']:.4f} "
+    print(f"{progress}{part} C={budget:.3g} width {width:<4} seed {seed} N={cost.params:<8} "
+          f"D={examples:<8} test loss {row['test_loss']:.4f} accuracy {row['test_accuracy']:.4f} "
           f"{row['seconds']}s", flush=True)
     return self.done[key]
 
@@ -180,14 +180,16 @@ def sweep_plan(exp: Experiment, budgets: list[float], widths: list[int], min_ste
   return pairs
 
 
-def mean_runs(rows: list[dict], part: str, seeds: list[int]):
+def mean_runs(rows: list[dict], part: str, seeds: list[int], pairs=None):
   """(one scaling.Run per (budget, width) with the mean test loss over `seeds`, the
-  relative standard deviations of the loss across seeds)."""
+  relative standard deviations of the loss across seeds). pairs: the (budget, width)
+  to take (None: all in rows)."""
   from jaxddp import scaling
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
-    if r["part"] == part and int(r["seed"]) in seeds:
-      groups.setdefault((float(r["budget"]), int(r["width"])), []).append(r)
+    pair = (float(r["budget"]), int(r["width"]))
+    if r["part"] == part and int(r["seed"]) in seeds and (pairs is None or pair in pairs):
+      groups.setdefault(pair, []).append(r)
   runs, spreads = [], []
   for (budget, _), group in sorted(groups.items()):
     losses = [float(r["test_loss"]) for r in group]
@@ -199,12 +201,13 @@ def mean_runs(rows: list[dict], part: str, seeds: list[int]):
   return runs, spreads
 
 
-def fit(exp: Experiment, seeds: list[int], window: float, bootstraps: int,
-        surface_bootstraps: int) -> dict:
+def fit(exp: Experiment, pairs: list[tuple[float, int]], seeds: list[int], window: float,
+        bootstraps: int, surface_bootstraps: int) -> dict:
+  """Fits the sweep's (budget, width) pairs (results.csv may hold others, from other
+  settings: they are left out)."""
   from jaxddp import scaling
-  rows = read_rows(exp.results)
-  runs, spreads = mean_runs(rows, "sweep", seeds)
-  widths = sorted({int(r["width"]) for r in rows if r["part"] == "sweep"})
+  runs, spreads = mean_runs(read_rows(exp.results), "sweep", seeds, set(pairs))
+  widths = sorted({w for _, w in pairs})
   family = {"widths": widths, "params": [exp.cost(w).params for w in widths],
             "train_flops": [exp.cost(w).train_flops for w in widths]}
   gamma, _ = scaling.power_law(family["params"], family["train_flops"])
@@ -213,6 +216,7 @@ def fit(exp: Experiment, seeds: list[int], window: float, bootstraps: int,
   budgets = sorted({r.budget for r in runs})
   result = {"config": exp.base.to_dict(), "batch_size": exp.batch_size, "budgets": budgets,
             "points": len(runs), "seeds": seeds, "runs": len(runs) * len(seeds),
+            "window": window,
             "seed_spread": {"median": float(np.median(spreads)) if spreads else None,
                             "max": max(spreads) if spreads else None},
             "family": family,
@@ -227,8 +231,9 @@ def fit(exp: Experiment, seeds: list[int], window: float, bootstraps: int,
 def describe_fit(result: dict) -> str:
   iso, surface = result["isoflop"], result["surface"]
   interval = lambda v: f"[{v[0]:.3f}, {v[1]:.3f}]"
+  seeds = len(result["seeds"])
   lines = [f"{result['points']} (budget, width) points, each the mean test loss of "
-           f"{len(result['seeds'])} seeds ({result['runs']} runs), over "
+           f"{seeds} seed{'s' if seeds > 1 else ''} ({result['runs']} runs), over "
            f"{len(result['budgets'])} budgets; training FLOPs per example ~ "
            f"N^{result['gamma']:.3f} across the family"]
   if result["seed_spread"]["median"] is not None:
@@ -276,9 +281,13 @@ def check(exp: Experiment, result: dict, factor: float, seeds: list[int]) -> dic
   pool = max(exp.examples(budget, w) for w in widths)
   if pool > exp.pool_examples:
     print(f"check: the widths need {pool} examples, more than --pool_examples="
-          f"{exp.pool_examples}: generating them", flush=True)
-  seed_losses = {w: [float(exp.train("check", budget, w, seed)["test_loss"]) for seed in seeds]
-                 for w in widths}
+          f"{exp.pool_examples}: generating them (a new sample of the same generator)",
+          flush=True)
+  runs = [(w, seed) for w in widths for seed in seeds]
+  seed_losses = {w: [] for w in widths}
+  for i, (w, seed) in enumerate(runs, 1):
+    row = exp.train("check", budget, w, seed, f"[{i}/{len(runs)}] ")
+    seed_losses[w].append(float(row["test_loss"]))
   losses = {w: float(np.mean(v)) for w, v in seed_losses.items()}
   best = min(losses, key=losses.get)
   report = {"plan": p, "seeds": seeds, "losses": losses, "seed_losses": seed_losses,
@@ -297,7 +306,7 @@ def check(exp: Experiment, result: dict, factor: float, seeds: list[int]) -> dic
   return report
 
 
-def plot(exp: Experiment, result: dict, path: str) -> None:
+def plot(exp: Experiment, result: dict, pairs: list[tuple[float, int]], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -306,14 +315,16 @@ def plot(exp: Experiment, result: dict, path: str) -> None:
 
   rows = read_rows(exp.results)
   iso, surface = result["isoflop"], result["surface"]
-  means, _ = mean_runs(rows, "sweep", result["seeds"])
+  pairs = set(pairs)
+  means, _ = mean_runs(rows, "sweep", result["seeds"], pairs)
+  seed_points = [r for r in rows if r["part"] == "sweep" and int(r["seed"]) in result["seeds"]
+                 and (float(r["budget"]), int(r["width"])) in pairs]
   fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
   for i, minimum in enumerate(iso["minima"]):
     here = [r for r in means if r.budget == minimum["budget"]]
-    left.scatter([float(r["params"]) for r in rows if r["part"] == "sweep" and
-                  float(r["budget"]) == minimum["budget"]],
-                 [float(r["test_loss"]) for r in rows if r["part"] == "sweep" and
-                  float(r["budget"]) == minimum["budget"]], color=f"C{i}", s=6, alpha=0.4)
+    seeds_here = [r for r in seed_points if float(r["budget"]) == minimum["budget"]]
+    left.scatter([float(r["params"]) for r in seeds_here],
+                 [float(r["test_loss"]) for r in seeds_here], color=f"C{i}", s=6, alpha=0.4)
     left.scatter([r.params for r in here], [r.loss for r in here], color=f"C{i}", s=22,
                  label=f"C = {minimum['budget']:.0e}")
     fitted = scaling.near_minimum(here, iso["window"])  # the runs its parabola went through
@@ -396,17 +407,17 @@ def main(argv):
   os.makedirs(_OUT.value, exist_ok=True)
   exp = Experiment(base, _OUT.value, pool_examples)
   pairs = sweep_plan(exp, budgets, widths, min_steps, max_examples)
-  todo = [(b, w, seed) for b, w in pairs for seed in seeds
+  # A whole sweep per seed: an interrupted experiment has whole seeds.
+  todo = [(b, w, seed) for seed in seeds for b, w in pairs
           if ("sweep", b, w, seed) not in exp.done]
   print(f"{len(todo)} runs to go ({len(pairs) * len(seeds) - len(todo)} already in "
         f"{exp.results})", flush=True)
   if todo:
     exp.pool(max(exp.examples(b, w) for b, w, _ in todo))
-  for seed in seeds:  # a whole sweep per seed: an interrupted experiment has whole seeds
-    for budget, width in pairs:
-      exp.train("sweep", budget, width, seed)
+  for i, (budget, width, seed) in enumerate(todo, 1):
+    exp.train("sweep", budget, width, seed, f"[{i}/{len(todo)}] ")
   try:
-    result = fit(exp, seeds, window, bootstraps, surface_bootstraps)
+    result = fit(exp, pairs, seeds, window, bootstraps, surface_bootstraps)
   except ValueError as error:  # too few sizes or budgets: the runs are in results.csv
     print(f"compute_optimal.py: error: cannot fit: {error} (the runs are in {exp.results})",
           file=sys.stderr)
@@ -414,7 +425,7 @@ def main(argv):
   print(describe_fit(result), flush=True)
   if _CHECK.value:
     check(exp, result, _CHECK_FACTOR.value, seeds)
-  plot(exp, result, os.path.join(_OUT.value, "isoflop.png"))
+  plot(exp, result, pairs, os.path.join(_OUT.value, "isoflop.png"))
   print(f"wrote {exp.results}, {os.path.join(_OUT.value, 'fit.json')} and "
         f"{os.path.join(_OUT.value, 'isoflop.png')}")
 

@@ -60,6 +60,11 @@ def test_parabola_minimum_of_a_known_isoflop_curve():
       (4.3, 0.05, 0.2))
   x_min, loss, curvature = scaling.parabola_minimum(x, -(x - 4.3) ** 2)  # no minimum
   assert math.isnan(x_min) and math.isnan(loss) and curvature < 0
+  # The parabola goes through the sizes within `window` decades of the lowest loss.
+  runs = [scaling.Run(1e9, 10.0 ** v, 1.0, (v - 4.3) ** 2, 1.0) for v in x]  # x: 3, 3.5, ...
+  near = [math.log10(r.params) for r in scaling.near_minimum(runs, 0.75)]
+  assert near == pytest.approx([4.0, 4.5, 5.0])  # the lowest loss is at 4.5
+  assert scaling.near_minimum(runs, None) == runs
 
 
 def test_planner_follows_the_fitted_law_and_refuses_far_budgets():
@@ -99,6 +104,9 @@ def test_cascade_at_the_extreme_thresholds_is_each_model_exactly():
     predictions, deferred = cascade.route(cheap, large, t)
     np.testing.assert_array_equal(predictions, np.argmax(large, axis=-1))
     assert deferred.all()
+  # At t = 1 the cheap model keeps exactly the answers it is certain of ("at least t").
+  _, deferred = cascade.route(cheap, large, 1.0)
+  assert not deferred[50:100].any() and deferred[:50].all()
   # In between, exactly the examples below the threshold go to the large model.
   predictions, deferred = cascade.route(cheap, large, 0.7)
   probabilities = np.exp(cheap - cheap.max(-1, keepdims=True))
