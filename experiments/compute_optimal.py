@@ -66,6 +66,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of each (budget, wid
                            "use the mean test loss over them.")
 _CHECK = flags.DEFINE_bool("check", False, "Train the predicted width and its neighbours at "
                            "--check_factor x the largest budget.")
+_CHECK_SEEDS = flags.DEFINE_list("check_seeds", None, "Seeds of each --check width (default: "
+                                 "--seeds).")
 _CHECK_FACTOR = flags.DEFINE_float("check_factor", 4.0, "Budget of --check, over the largest.")
 _FIT = flags.DEFINE_string("fit", None, "A fit.json to plan from (with --predict).")
 _PREDICT = flags.DEFINE_float("predict", None, "Budget in FLOPs to plan for (with --fit).")
@@ -195,7 +197,8 @@ def mean_runs(rows: list[dict], part: str, seeds: list[int], pairs=None):
     losses = [float(r["test_loss"]) for r in group]
     r = group[0]
     runs.append(scaling.Run(budget, float(r["params"]), float(r["examples"]),
-                            float(np.mean(losses)), float(r["train_flops_per_example"])))
+                            float(np.mean(losses)), float(r["train_flops_per_example"]),
+                            tuple(losses)))
     if len(losses) > 1:
       spreads.append(float(np.std(losses, ddof=1) / np.mean(losses)))
   return runs, spreads
@@ -262,12 +265,18 @@ def describe_fit(result: dict) -> str:
 
 
 def describe_plan(p: dict) -> str:
+  if math.isnan(p["params_interval"][0]):  # fitted from one seed: no bootstrap
+    n_interval = loss_interval = "no interval: the fit had one seed per point"
+  else:
+    n_interval = (f"95% interval {p['params_interval'][0]:.4g} to "
+                  f"{p['params_interval'][1]:.4g}, widths {p['width_interval'][0]} to "
+                  f"{p['width_interval'][1]}")
+    loss_interval = (f"95% interval {p['loss_interval'][0]:.4f} to "
+                     f"{p['loss_interval'][1]:.4f}")
   return (f"budget {p['budget']:.3g} FLOPs: width {p['width']} (N={p['params']:.0f}; N_opt "
-          f"{p['params_optimal']:.4g}, 95% interval {p['params_interval'][0]:.4g} to "
-          f"{p['params_interval'][1]:.4g}, widths {p['width_interval'][0]} to "
-          f"{p['width_interval'][1]}), {p['examples']} examples, {p['steps']} steps of "
-          f"{p['batch_size']}; expected test loss {p['loss']:.4f} (95% interval "
-          f"{p['loss_interval'][0]:.4f} to {p['loss_interval'][1]:.4f})")
+          f"{p['params_optimal']:.4g}, {n_interval}), {p['examples']} examples, "
+          f"{p['steps']} steps of {p['batch_size']}; expected test loss {p['loss']:.4f} "
+          f"({loss_interval})")
 
 
 def check(exp: Experiment, result: dict, factor: float, seeds: list[int]) -> dict:
@@ -306,7 +315,8 @@ def check(exp: Experiment, result: dict, factor: float, seeds: list[int]) -> dic
   return report
 
 
-def plot(exp: Experiment, result: dict, pairs: list[tuple[float, int]], path: str) -> None:
+def plot(exp: Experiment, result: dict, pairs: list[tuple[float, int]], check_seeds: list[int],
+         path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -336,13 +346,13 @@ def plot(exp: Experiment, result: dict, pairs: list[tuple[float, int]], path: st
     if not math.isnan(minimum["log10_params"]):
       left.scatter([10 ** minimum["log10_params"]], [minimum["loss"]], marker="*", s=160,
                    color=f"C{i}", edgecolor="black", zorder=3)
-  checks, _ = mean_runs(rows, "check", result["seeds"])
+  checks, _ = mean_runs(rows, "check", check_seeds)
   if checks:
     left.scatter([r.params for r in checks], [r.loss for r in checks], marker="D",
                  color="black", label=f"check, C = {checks[0].budget:.1e}")
   left.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="final test loss",
            title=f"IsoFLOP curves (mean of {len(result['seeds'])} seeds; small dots: each seed)")
-  left.legend(fontsize="small")
+  left.legend(fontsize="small", ncol=2, loc="upper right")
   good = [m for m in iso["minima"] if not math.isnan(m["log10_params"])]
   budgets = np.array([m["budget"] for m in good])
   span = np.geomspace(min(result["budgets"]) / 2, max(result["budgets"]) * 8, 50)
@@ -403,6 +413,7 @@ def main(argv):
     budgets, widths, min_steps, max_examples = [1e8, 2e8], [2, 4, 8], 4, 8000
     pool_examples = max_examples
     bootstraps, surface_bootstraps, window, seeds = 50, 10, 2.0, [0]
+  check_seeds = [int(seed) for seed in _CHECK_SEEDS.value] if _CHECK_SEEDS.value else seeds
   config_lib.validate(base)
   os.makedirs(_OUT.value, exist_ok=True)
   exp = Experiment(base, _OUT.value, pool_examples)
@@ -424,8 +435,9 @@ def main(argv):
     sys.exit(2)
   print(describe_fit(result), flush=True)
   if _CHECK.value:
-    check(exp, result, _CHECK_FACTOR.value, seeds)
-  plot(exp, result, pairs, os.path.join(_OUT.value, "isoflop.png"))
+    check(exp, result, _CHECK_FACTOR.value, check_seeds)
+  plot(exp, result, pairs, check_seeds if _CHECK.value else [],
+       os.path.join(_OUT.value, "isoflop.png"))
   print(f"wrote {exp.results}, {os.path.join(_OUT.value, 'fit.json')} and "
         f"{os.path.join(_OUT.value, 'isoflop.png')}")
 

@@ -68,11 +68,27 @@ def examples_for_budget(budget: float, train_flops: float, batch_size: int) -> i
 
 @dataclasses.dataclass(frozen=True)
 class Run:
+  """One (budget, size) point: `loss` is the mean of `seed_losses`, the final test loss
+  of each seed, which the bootstraps resample."""
   budget: float
   params: float  # N
   examples: float  # D
-  loss: float  # final test loss
+  loss: float  # final test loss, the mean over seeds
   train_flops: float  # per example
+  seed_losses: tuple[float, ...] = ()
+
+
+def resample_seeds(runs: Sequence[Run], rng: np.random.Generator) -> list[Run]:
+  """The runs with each loss replaced by the mean of its seeds drawn with replacement:
+  one bootstrap draw of the seed noise, the design (budgets and sizes) kept."""
+  return [dataclasses.replace(r, loss=float(np.mean(rng.choice(r.seed_losses,
+                                                                len(r.seed_losses)))))
+          for r in runs]
+
+
+def _bootstraps(runs: Sequence[Run], requested: int) -> int:
+  """How many bootstrap draws make sense: none unless every point has 2+ seeds."""
+  return requested if all(len(r.seed_losses) >= 2 for r in runs) else 0
 
 
 def parabola_minimum(log_n: Sequence[float], loss: Sequence[float]) -> tuple[float, float, float]:
@@ -143,27 +159,28 @@ def _laws(minima: list[dict]) -> dict[str, float] | None:
 def isoflop_fit(runs: Iterable[Run], window: float | None = None, bootstraps: int = 1000,
                 seed: int = 0) -> dict:
   """Approach 2: the parabola minimum at each budget (through the runs `near_minimum`)
-  and the power laws through them, with 95% bootstrap intervals (the runs near each
-  minimum resampled). A resample whose parabolas leave fewer than two budgets with a
+  and the power laws through them, with 95% bootstrap intervals: each draw resamples
+  every point's seeds (`resample_seeds`; none without 2+ seeds per point) and fits
+  again, windows included. A draw whose parabolas leave fewer than two budgets with a
   minimum is dropped (their number is reported)."""
   runs = list(runs)
-  by_budget: dict[float, list[Run]] = {}
-  for r in runs:
-    by_budget.setdefault(r.budget, []).append(r)
-  by_budget = {budget: near_minimum(group, window) for budget, group in by_budget.items()}
-  minima = _minima(by_budget, runs)
-  laws = _laws(minima)
+
+  def fit(runs: list[Run]) -> tuple[list[dict], dict | None]:
+    by_budget: dict[float, list[Run]] = {}
+    for r in runs:
+      by_budget.setdefault(r.budget, []).append(r)
+    minima = _minima({budget: near_minimum(group, window)
+                      for budget, group in by_budget.items()}, runs)
+    return minima, _laws(minima)
+
+  minima, laws = fit(runs)
   if laws is None:
     raise ValueError("fewer than two budgets have an IsoFLOP minimum (each needs three sizes "
                      "and a parabola that curves up): add sizes or budgets")
   rng = np.random.default_rng(seed)
-  samples = []
-  for _ in range(bootstraps):
-    resampled = {budget: [group[i] for i in rng.integers(0, len(group), len(group))]
-                 for budget, group in by_budget.items()}
-    sample = _laws(_minima(resampled, runs))
-    if sample is not None:
-      samples.append(sample)
+  bootstraps = _bootstraps(runs, bootstraps)
+  samples = [sample for sample in (fit(resample_seeds(runs, rng))[1] for _ in range(bootstraps))
+             if sample is not None]
   return {"minima": minima, **laws, "window": window, "bootstrap": samples,
           "bootstraps": bootstraps,
           "bootstraps_dropped": bootstraps - len(samples),
@@ -224,19 +241,16 @@ def _surface_starts() -> Iterable[tuple[float, ...]]:
 
 def loss_surface_fit(runs: Iterable[Run], gamma: float, bootstraps: int = 200,
                      delta: float = 1e-3, seed: int = 0) -> dict:
-  """Approach 3 on every run, with a 95% bootstrap interval (all runs resampled; each
-  resample starts from the full fit). gamma: the exponent of the family's FLOPs per
-  example against N (f ~ N^gamma), which sets a and b."""
+  """Approach 3 on every run, with a 95% bootstrap interval (each draw resamples every
+  point's seeds, as isoflop_fit's, and starts from the full fit). gamma: the exponent
+  of the family's FLOPs per example against N (f ~ N^gamma), which sets a and b."""
   runs = list(runs)
   log_n = np.log([r.params for r in runs])
   log_d = np.log([r.examples for r in runs])
-  log_loss = np.log([r.loss for r in runs])
-  theta = _fit_surface(log_n, log_d, log_loss, _surface_starts(), delta)
+  theta = _fit_surface(log_n, log_d, np.log([r.loss for r in runs]), _surface_starts(), delta)
   rng = np.random.default_rng(seed)
-  samples = []
-  for _ in range(bootstraps):
-    i = rng.integers(0, len(runs), len(runs))
-    samples.append(_fit_surface(log_n[i], log_d[i], log_loss[i], [theta], delta))
+  samples = [_fit_surface(log_n, log_d, np.log([r.loss for r in resample_seeds(runs, rng)]),
+                          [theta], delta) for _ in range(_bootstraps(runs, bootstraps))]
   fit = _surface_dict(theta, gamma)
   fit["bootstrap"] = [_surface_dict(s, gamma) for s in samples]
   for name in ("alpha", "beta", "a", "b", "E"):
@@ -320,7 +334,8 @@ def plan(fit: dict, budget: float) -> dict:
   surface = fit["surface"]
   losses = [surface_loss(s, params, examples) for s in surface["bootstrap"]]
   return {"budget": budget, "params_optimal": optimum, "params_interval": interval(draws),
-          "width": width, "width_interval": [family.width_for(n) for n in interval(draws)],
+          "width": width, "width_interval": [family.width_for(n) if math.isfinite(n) else None
+                                             for n in interval(draws)],
           "params": params, "train_flops_per_example": train_flops, "examples": examples,
           "steps": examples // batch_size, "batch_size": batch_size,
           "loss": float(surface_loss(surface, params, examples)),

@@ -18,9 +18,9 @@ E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
 A_TRUE, B_TRUE = BETA / (ALPHA + BETA), ALPHA / (ALPHA + BETA)  # 0.452, 0.548 (FLOPs = 6ND)
 
 
-def chinchilla_runs(noise: float, seed: int = 1) -> list[scaling.Run]:
-  """9 sizes (1.6 decades around the true optimum) at each of 7 budgets; the loss of
-  each run times exp(noise x a standard normal)."""
+def chinchilla_runs(noise: float, seed: int = 1, seeds: int = 3) -> list[scaling.Run]:
+  """9 sizes (1.6 decades around the true optimum) at each of 7 budgets; each size's
+  loss from `seeds` seeds, each the true loss times exp(noise x a standard normal)."""
   rng = np.random.default_rng(seed)
   scale = (ALPHA * A / (BETA * B)) ** (1 / (ALPHA + BETA))  # N_opt = scale (C/6)^a
   runs = []
@@ -28,16 +28,16 @@ def chinchilla_runs(noise: float, seed: int = 1) -> list[scaling.Run]:
     for offset in np.linspace(-0.8, 0.8, 9):
       n = scale * (budget / 6) ** A_TRUE * 10 ** offset
       d = budget / (6 * n)
-      loss = (E + A / n ** ALPHA + B / d ** BETA) * math.exp(rng.normal(0, noise))
-      runs.append(scaling.Run(budget, n, d, loss, 6 * n))
+      losses = (E + A / n ** ALPHA + B / d ** BETA) * np.exp(rng.normal(0, noise, seeds))
+      runs.append(scaling.Run(budget, n, d, float(losses.mean()), 6 * n, tuple(losses)))
   return runs
 
 
 def test_approach_2_and_3_recover_the_exponents_of_a_known_loss_surface():
-  """With 0.5% noise on each loss (about 0.01, the size of our seeds' noise relative to
-  the losses), 63 runs: approach 2's parabolas recover a and b within 0.02 (they are
-  biased by the IsoFLOP curve's asymmetry: 0.454 for 0.452 without noise), approach 3
-  recovers alpha and beta within 0.02 and a, b within 0.01; the intervals hold the truth."""
+  """63 points of 3 seeds, each seed's loss off by 0.5% (a standard deviation): approach
+  2's parabolas recover a and b within 0.02 (they are biased by the IsoFLOP curve's
+  asymmetry: 0.454 for 0.452 without noise), approach 3 recovers alpha and beta within
+  0.02 and a, b within 0.01; the bootstrap intervals (seeds resampled) hold the truth."""
   runs = chinchilla_runs(noise=0.005)
   iso = scaling.isoflop_fit(runs, bootstraps=200)
   assert abs(iso["a"] - A_TRUE) < 0.02 and abs(iso["b"] - B_TRUE) < 0.02, (iso["a"], iso["b"])
