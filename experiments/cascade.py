@@ -90,22 +90,26 @@ def _check_workdir(workdir: str, examples: int, width: int) -> None:
         f"needs width {width} trained on the first {examples} (the rest choose the threshold)")
 
 
-def _logits(config, state, dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(logits, labels) of every example of dataset's split, each exactly once."""
+def _logits(config, state, dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{"validation" / "test": (logits, labels)} for every example of dataset's training
+  split (the held-out slice) and test split, each exactly once."""
   import jax
 
   from jaxddp import parallel, train
   from jaxddp.pruning import outputs
   run = train.setup(config, dataset=dataset)
   base = jax.tree.map(parallel.local_value, run.backend.global_state(run.state))
-  state = base.replace(params=state.params, batch_stats=state.batch_stats, masks=state.masks)
-  batches = dataset.eval_batches(global_batch_size=run.recipe.eval_global_batch_size,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count(), split=split)
-  count = dataset.num_train_examples if split == "train" else dataset.num_test_examples
-  out = outputs.per_example_outputs(run.backend, run.backend.put_state(state), batches, count,
-                                    ("logits",))
-  return out["logits"], out["label"]
+  state = run.backend.put_state(base.replace(params=state.params,
+                                             batch_stats=state.batch_stats, masks=state.masks))
+  result = {}
+  for name, split, count in (("validation", "train", dataset.num_train_examples),
+                             ("test", "test", dataset.num_test_examples)):
+    batches = dataset.eval_batches(global_batch_size=run.recipe.eval_global_batch_size,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count(), split=split)
+    out = outputs.per_example_outputs(run.backend, state, batches, count, ("logits",))
+    result[name] = out["logits"], out["label"]
+  return result
 
 
 class Model:
@@ -121,8 +125,9 @@ class Model:
     state = jax.tree.map(parallel.local_value, result.state)
     self.width, self.workdir = width, workdir
     self.run_test_accuracy = result.eval_metrics["accuracy"]
-    self.validation_logits, self.validation_labels = _logits(config, state, validation, "train")
-    self.test_logits, self.test_labels = _logits(config, state, validation, "test")
+    logits = _logits(config, state, validation)
+    self.validation_logits, self.validation_labels = logits["validation"]
+    self.test_logits, self.test_labels = logits["test"]
     self.flops = scaling.model_cost(config, training.input_shape,
                                     training.num_classes).forward_flops
 

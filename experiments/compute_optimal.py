@@ -4,13 +4,14 @@ r"""Compute-optimal model size against data on MNIST-1D: IsoFLOP profiles (Hoffm
     python experiments/compute_optimal.py --config=configs/mnist1d.py --out=runs/isoflop
     python experiments/compute_optimal.py --fit=runs/isoflop/fit.json --predict=3e13
     python experiments/compute_optimal.py --config=configs/mnist1d.py --out=runs/isoflop \
-        --check
+        --check --check_seeds=0,1,2,3,4,5
 
-For each budget C of --budgets (training FLOPs) and each width of --widths, the
-config's model at that width trains for one pass over D fresh examples, D = the whole
-batches C buys at the model's training FLOPs per example (jaxddp.scaling.model_cost,
-jaxddp's own FLOPs count). A (budget, width) whose D is fewer than --min_steps
-batches or more than --max_examples is left out (the plan printed first says which).
+For each budget C of --budgets (training FLOPs), each width of --widths and each seed
+of --seeds, the config's model at that width trains for one pass over D fresh
+examples: the whole batches C buys at the model's training FLOPs per example
+(jaxddp.scaling.model_cost, jaxddp's own FLOPs count). A (budget, width) whose D is
+fewer than --min_steps batches or more than --max_examples is left out (the plan
+printed first says which).
 MNIST-1D generates the examples (the standard 4000, then fresh ones); every run reads
 a prefix of the same pool, once, and is evaluated on the standard 1000 test examples.
 
@@ -18,15 +19,17 @@ The recipe is the config's at every size: momentum SGD, peak LR 0.1, a cosine de
 to 0 that ends with the pass, batch 128, weight decay 5e-4; batch norm after every
 convolution keeps the step size of the weights largely independent of the width.
 
-Then jaxddp.scaling fits the final test losses: a parabola in log N per budget and
-power laws through the minima (approach 2), and L(N, D) = E + A/N^alpha + B/D^beta
-(approach 3, Huber loss), both with bootstrap intervals. Writes OUT/results.csv (one
-row per run, appended as runs finish: an interrupted experiment continues), OUT/fit.json
-and OUT/isoflop.png.
+Then jaxddp.scaling fits the final test losses, averaged over the seeds: a parabola in
+log N per budget (the widths within --window decades of the lowest) and power laws
+through the minima (approach 2), and L(N, D) = E + A/N^alpha + B/D^beta (approach 3,
+Huber loss), both with bootstrap intervals that resample each point's seeds (none
+with one seed). Writes OUT/results.csv (one row per run, appended as runs finish: an
+interrupted experiment continues), OUT/fit.json and OUT/isoflop.png.
 
 --check trains, at --check_factor x the largest budget, the width the fit predicts and
-one on each side (x/1.5, x1.5), and writes OUT/check.json. --fit=FIT --predict=C
-prints the plan for budget C and refuses one more than 100x outside the fitted budgets.
+one on each side (x/1.5, x1.5), with each of --check_seeds, and writes OUT/check.json.
+--fit=FIT --predict=C prints the plan for budget C and refuses one more than 100x
+outside the fitted budgets.
 --quick: tiny budgets and widths, for tests.
 """
 
@@ -39,7 +42,6 @@ import sys
 import time
 
 import numpy as np
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -12,7 +12,7 @@ weights, twice that for the backward pass), not 6N.
 * `isoflop_fit(runs)` (Chinchilla's approach 2): at each budget a parabola in log10 N
   through the final test losses; its minimum is N_opt(C), and D_opt(C) = C / f(N_opt).
   Power laws N_opt = k_N C^a and D_opt = k_D C^b through the minima, with bootstrap
-  intervals (runs resampled within each budget).
+  intervals (each point's seeds resampled).
 * `loss_surface_fit(runs)` (approach 3): L(N, D) = E + A / N^alpha + B / D^beta fitted
   to every run with a Huber loss on log L, by L-BFGS-B from a grid of starting points.
   With f(N) ~ N^gamma it predicts N_opt ~ C^(beta / (alpha + gamma beta)) and
@@ -318,6 +318,8 @@ def plan(fit: dict, budget: float) -> dict:
   content (experiments/compute_optimal.py): N_opt from approach 2's power law, its
   95% interval from the bootstrap; the loss from approach 3 at the planned N and D."""
   low, high = min(fit["budgets"]), max(fit["budgets"])
+  if not (math.isfinite(budget) and budget > 0):
+    raise BudgetOutOfRange(f"a budget must be a positive number of FLOPs, not {budget}")
   if not low / MAX_EXTRAPOLATION <= budget <= high * MAX_EXTRAPOLATION:
     raise BudgetOutOfRange(
         f"a budget of {budget:.3g} FLOPs is more than {MAX_EXTRAPOLATION:g}x outside the "
@@ -330,6 +332,7 @@ def plan(fit: dict, budget: float) -> dict:
   draws = [10 ** (s["a"] * log_c + s["log10_k_params"]) for s in iso["bootstrap"]]
   width = family.width_for(optimum)
   params, train_flops = family.cost(width)
+  params = round(params)  # a count: the quadratic is exact for the built-in models
   examples = examples_for_budget(budget, train_flops, batch_size)
   surface = fit["surface"]
   losses = [surface_loss(s, params, examples) for s in surface["bootstrap"]]

@@ -89,6 +89,9 @@ def test_planner_follows_the_fitted_law_and_refuses_far_budgets():
   for budget in (1e12 * 101, 1e10 / 101):
     with pytest.raises(scaling.BudgetOutOfRange, match="more than 100x outside"):
       scaling.plan(fit, budget)
+  for budget in (0.0, -5.0, math.nan):
+    with pytest.raises(scaling.BudgetOutOfRange, match="a positive number of FLOPs"):
+      scaling.plan(fit, budget)
 
 
 def test_cascade_at_the_extreme_thresholds_is_each_model_exactly():
