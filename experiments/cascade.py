@@ -25,6 +25,7 @@ models' logits on the test set) and OUT/cascade.png. --quick: tiny runs, for tes
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -57,16 +58,21 @@ def _model_config(base, width: int):
   return config
 
 
+class Error(Exception):
+  """A mistake in the flags or the workdirs: printed as one line, exit status 2."""
+
+
 def _split(dataset, validation: int):
   """(training part, validation part) of an ArrayDataset: the last `validation` held out."""
   from jaxddp import data
   if not isinstance(dataset, data.ArrayDataset):
-    raise app.UsageError("cascade.py holds out part of an in-memory training set "
-                         f"(ArrayDataset); {type(dataset).__name__} is not one")
+    raise Error("cascade.py holds out part of an in-memory training set (ArrayDataset); "
+                f"{type(dataset).__name__} is not one")
   n = dataset.num_train_examples
   if not 0 < validation < n:
-    raise app.UsageError(f"--validation_examples={validation} must be between 0 and the "
-                         f"{n} training examples")
+    raise Error(f"--validation_examples={validation} must be between 1 and {n - 1} (the "
+                f"training set has {n}; for MNIST-1D, raise "
+                "--config.dataset.num_train_examples to hold out fresh examples)")
   keep = n - validation
   make = lambda x, y, name: data.ArrayDataset(x, y, dataset.test_x, dataset.test_y,
                                               dataset.num_classes, name=name,
@@ -75,19 +81,22 @@ def _split(dataset, validation: int):
           make(dataset.train_x[keep:], dataset.train_y[keep:], f"{dataset.name}[{keep}:]"))
 
 
-def _check_workdir(workdir: str, examples: int, width: int) -> None:
-  """Refuses a run that trained on other examples or at another width."""
+def _check_workdir(workdir: str, config, training) -> None:
+  """Refuses a run made with another config, or on other examples: resuming it would
+  train further on a schedule that is not this one's."""
+  from jaxddp import train
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
   with open(path) as f:
-    saved = json.load(f)
-  trained_on = saved["recipe"]["num_train_examples"]
-  saved_width = saved["config"]["model"]["width"]
-  if trained_on != examples or saved_width != width:
-    raise app.UsageError(
-        f"{workdir} holds a run of width {saved_width} on {trained_on} examples; the cascade "
-        f"needs width {width} trained on the first {examples} (the rest choose the threshold)")
+    trained_on = json.load(f)["recipe"]["num_train_examples"]
+  changes = train.config_changes(workdir, config, {"dataset": train.describe(training)})
+  if trained_on != training.num_train_examples:
+    changes.insert(0, f"it trained on {trained_on} examples, not the first "
+                      f"{training.num_train_examples}")
+  if changes:
+    raise Error(f"{workdir} holds another run ({changes[0]}); give another --out or "
+                "--cheap_workdir / --large_workdir")
 
 
 def _logits(config, state, dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -120,7 +129,7 @@ class Model:
 
     from jaxddp import parallel, scaling, train
     config = _model_config(base, width)
-    _check_workdir(workdir, training.num_train_examples, width)
+    _check_workdir(workdir, config, training)
     result = train.train_and_evaluate(config, workdir, dataset=training)
     state = jax.tree.map(parallel.local_value, result.state)
     self.width, self.workdir = width, workdir
@@ -147,9 +156,10 @@ def plot(rows: list[dict], summary: dict, path: str) -> None:
     ax.scatter([model["flops"]], [model["test_accuracy"] * 100], marker=marker, s=70, zorder=3,
                color="black", label=f"{name} model alone (width {model['width']}, test)")
   chosen = summary["chosen"]
+  what = ("the large model alone" if chosen["threshold"] is None
+          else f"threshold {chosen['threshold']:.3f}")
   ax.scatter([chosen["test_flops"]], [chosen["test_accuracy"] * 100], marker="*", s=200,
-             color="C3", zorder=4, label=f"threshold {chosen['threshold']:.3f}, chosen on "
-             "validation (test)")
+             color="C3", zorder=4, label=f"{what}, chosen on validation (test)")
   ax.set(xscale="log", xlabel="inference FLOPs per example", ylabel="accuracy (%)",
          title="cheap model answers when its top probability >= t, else the large one")
   ax.grid(True, alpha=0.3)
@@ -159,21 +169,12 @@ def plot(rows: list[dict], summary: dict, path: str) -> None:
   plt.close(fig)
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  if _CONFIG.value is None or not _OUT.value:
-    raise app.UsageError("--config and --out are required")
+def run(cheap_width: int, large_width: int, validation: int) -> None:
   from experiments.results import append_row
   from jaxddp import cascade, data
   from jaxddp import config as config_lib
-  base = _CONFIG.value
-  cheap_width, large_width, validation = _CHEAP_WIDTH.value, _LARGE_WIDTH.value, _VALIDATION.value
-  if _QUICK.value:
-    base.train.num_steps, base.train.batch_size = 20, 32
-    cheap_width, large_width, validation = 2, 8, 500
+  base, out = _CONFIG.value, _OUT.value
   config_lib.validate(base)
-  out = _OUT.value
   os.makedirs(out, exist_ok=True)
   training, held_out = _split(data.load_dataset(base), validation)
   cheap = Model(base, cheap_width, _CHEAP_WORKDIR.value or os.path.join(out, "cheap"), training,
@@ -188,6 +189,9 @@ def main(argv):
   large_validation = sweeps["validation"][-1].accuracy  # t > 1: the large model's answers
   chosen = cascade.cheapest_within(sweeps["validation"], large_validation, _TOLERANCE.value)
   on_test = sweeps["test"][thresholds.index(chosen.threshold)]
+  if chosen.flops >= large.flops:  # no threshold saves anything: the large model alone
+    chosen = cascade.Point(math.inf, large_validation, 1.0, large.flops)
+    on_test = cascade.Point(math.inf, sweeps["test"][-1].accuracy, 1.0, large.flops)
   models = {name: {"width": m.width, "workdir": m.workdir, "flops": m.flops,
                    "validation_accuracy": sweeps["validation"][0 if name == "cheap" else -1]
                    .accuracy, "test_accuracy": sweeps["test"][0 if name == "cheap" else -1]
@@ -195,7 +199,8 @@ def main(argv):
             for name, m in (("cheap", cheap), ("large", large))}
   summary = {**models, "validation_examples": validation, "test_examples": len(cheap.test_labels),
              "tolerance": _TOLERANCE.value,
-             "chosen": {"threshold": chosen.threshold,
+             "chosen": {"threshold": chosen.threshold if math.isfinite(chosen.threshold)
+                        else None,  # None: the large model alone
                         "validation_accuracy": chosen.accuracy,
                         "validation_deferred": chosen.deferred,
                         "test_accuracy": on_test.accuracy, "test_deferred": on_test.deferred,
@@ -220,14 +225,44 @@ def main(argv):
     print(f"{name} model (width {m['width']}): {m['flops'] / 1e6:.3f} MFLOPs per example, "
           f"accuracy {m['validation_accuracy']:.2%} validation, {m['test_accuracy']:.2%} test")
   c = summary["chosen"]
-  print(f"cascade: threshold {c['threshold']:.3f} (the cheapest within {_TOLERANCE.value:.1%} of "
-        f"the large model on {validation} validation examples): test accuracy "
-        f"{c['test_accuracy']:.2%}, {c['test_deferred']:.1%} deferred, "
-        f"{c['test_flops'] / 1e6:.3f} MFLOPs per example, "
-        + (f"{c['flops_saved']:.1%} fewer than the large model alone" if c["flops_saved"] >= 0
-           else f"{-c['flops_saved']:.1%} more than the large model alone"))
+  if c["threshold"] is None:
+    print(f"cascade: no threshold within {_TOLERANCE.value:.1%} of the large model on "
+          f"{validation} validation examples costs less than the large model alone: use it")
+  else:
+    print(f"cascade: threshold {c['threshold']:.3f} (the cheapest within "
+          f"{_TOLERANCE.value:.1%} of the large model on {validation} validation examples): "
+          f"test accuracy {c['test_accuracy']:.2%}, {c['test_deferred']:.1%} deferred, "
+          f"{c['test_flops'] / 1e6:.3f} MFLOPs per example, {c['flops_saved']:.1%} fewer than "
+          "the large model alone")
   print(f"wrote {path}, {os.path.join(out, 'summary.json')} and "
         f"{os.path.join(out, 'cascade.png')}")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from jaxddp.config import ConfigError
+  from jaxddp.train import TrainingInterrupted
+  try:
+    if _CONFIG.value is None or not _OUT.value:
+      raise Error("--config and --out are required")
+    widths = (_CHEAP_WIDTH.value, _LARGE_WIDTH.value)
+    validation = _VALIDATION.value
+    if min(widths) < 1:
+      raise Error(f"--cheap_width={widths[0]} and --large_width={widths[1]} must be at least 1")
+    if _THRESHOLDS.value < 1 or not 0 <= _TOLERANCE.value < 1:
+      raise Error(f"--thresholds={_THRESHOLDS.value} must be at least 1 and "
+                  f"--tolerance={_TOLERANCE.value} in [0, 1)")
+    if _QUICK.value:  # these replace the flags of the same names
+      _CONFIG.value.train.num_steps, _CONFIG.value.train.batch_size = 20, 32
+      widths, validation = (2, 8), 500
+    run(*widths, validation)
+  except (Error, ConfigError) as error:
+    print(f"cascade.py: error: {error}", file=sys.stderr)
+    sys.exit(2)
+  except (KeyboardInterrupt, TrainingInterrupted):
+    print("cascade.py: interrupted; the same command resumes the runs", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -126,10 +126,10 @@ class Experiment:
         config.dataset.num_train_examples = max(needed, self.pool_examples, 4000)
       pool = data.load_dataset(config)
       if not isinstance(pool, data.ArrayDataset):
-        raise app.UsageError("compute_optimal.py reads prefixes of an in-memory dataset "
+        raise Error("compute_optimal.py reads prefixes of an in-memory dataset "
                              f"(ArrayDataset); {config.dataset.name!r} is not one")
       if pool.num_train_examples < needed:
-        raise app.UsageError(f"a run needs {needed} fresh examples but {config.dataset.name!r} "
+        raise Error(f"a run needs {needed} fresh examples but {config.dataset.name!r} "
                              f"has {pool.num_train_examples}; lower the budgets or "
                              "--max_examples")
       self._pool = pool
@@ -317,7 +317,7 @@ def check(exp: Experiment, result: dict, factor: float, seeds: list[int]) -> dic
   return report
 
 
-def plot(exp: Experiment, result: dict, pairs: list[tuple[float, int]], check_seeds: list[int],
+def plot(exp: Experiment, result: dict, pairs: list[tuple[float, int]], report: dict | None,
          path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -348,12 +348,15 @@ def plot(exp: Experiment, result: dict, pairs: list[tuple[float, int]], check_se
     if not math.isnan(minimum["log10_params"]):
       left.scatter([10 ** minimum["log10_params"]], [minimum["loss"]], marker="*", s=160,
                    color=f"C{i}", edgecolor="black", zorder=3)
-  checks, _ = mean_runs(rows, "check", check_seeds)
+  checks = []
+  if report is not None:  # the check's widths at its budget, the mean of its seeds
+    checks, _ = mean_runs(rows, "check", report["seeds"],
+                          {(report["plan"]["budget"], int(w)) for w in report["losses"]})
   if checks:
     left.scatter([r.params for r in checks], [r.loss for r in checks], marker="D",
                  color="black", label=f"check, C = {checks[0].budget:.1e}")
   left.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="final test loss",
-           title=f"IsoFLOP curves (mean of {len(result['seeds'])} seeds; small dots: each seed)")
+           title=f"IsoFLOP curves (mean of {len(result['seeds'])} seed(s); small dots: each)")
   left.legend(fontsize="small", ncol=2, loc="upper right")
   good = [m for m in iso["minima"] if not math.isnan(m["log10_params"])]
   budgets = np.array([m["budget"] for m in good])
@@ -385,41 +388,63 @@ def plot(exp: Experiment, result: dict, pairs: list[tuple[float, int]], check_se
 
 def predict(fit_path: str, budget: float) -> None:
   from jaxddp import scaling
-  with open(fit_path) as f:
-    result = json.load(f)
   try:
-    print(describe_plan(scaling.plan(result, budget)))
+    with open(fit_path) as f:
+      result = json.load(f)
+    plan = scaling.plan(result, budget)
   except scaling.BudgetOutOfRange as error:
-    print(f"compute_optimal.py: error: {error}", file=sys.stderr)
-    sys.exit(2)
+    raise Error(str(error)) from None
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise Error(f"--fit={fit_path} is not a fit.json of compute_optimal.py "
+                f"({type(error).__name__}: {error})") from None
+  print(describe_plan(plan))
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  if _FIT.value or _PREDICT.value is not None:
-    if not (_FIT.value and _PREDICT.value is not None):
-      raise app.UsageError("--fit and --predict go together")
-    return predict(_FIT.value, _PREDICT.value)
-  if _CONFIG.value is None or not _OUT.value:
-    raise app.UsageError("--config and --out are required (or --fit and --predict)")
-  seeds = [int(seed) for seed in _SEEDS.value]
+class Error(Exception):
+  """A mistake in the flags or files: printed as one line, exit status 2."""
+
+
+def _numbers(flag: str, values: list[str], kind, low: float) -> list:
+  try:
+    numbers = [kind(v) for v in values]
+  except ValueError:
+    raise Error(f"--{flag}={','.join(values)}: not a list of {kind.__name__}s") from None
+  if not numbers or not all(math.isfinite(v) and v >= low for v in numbers):
+    raise Error(f"--{flag}={','.join(values)}: give one or more numbers, each at least {low:g}")
+  return numbers
+
+
+def _check_settings(out: str, settings: dict) -> None:
+  """Refuses an --out whose runs were made with another config or pool: their rows
+  would otherwise be taken for this one's."""
+  path = os.path.join(out, "settings.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)
+    now = json.loads(json.dumps(settings))
+    flat = lambda d, prefix="": {k2: v2 for k, v in d.items() for k2, v2 in (
+        flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+    old, new = flat(before), flat(now)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+      shown = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:3])
+      raise Error(f"{out} holds runs made with other settings ({shown}); use another --out")
+  os.makedirs(out, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(settings, f, indent=1)
+
+
+def run(budgets: list[float], widths: list[int], seeds: list[int], check_seeds: list[int],
+        min_steps: int, max_examples: int, pool_examples: int, window: float,
+        bootstraps: int, surface_bootstraps: int) -> None:
   from jaxddp import config as config_lib
   base = _CONFIG.value
-  budgets, widths = [float(b) for b in _BUDGETS.value], [int(w) for w in _WIDTHS.value]
-  min_steps, max_examples, pool_examples = _MIN_STEPS.value, _MAX_EXAMPLES.value, _POOL.value
-  bootstraps, surface_bootstraps = _BOOTSTRAPS.value, _SURFACE_BOOTSTRAPS.value
-  window = _WINDOW.value
-  if _QUICK.value:
-    base.train.batch_size = 32
-    budgets, widths, min_steps, max_examples = [1e8, 2e8], [2, 4, 8], 4, 8000
-    pool_examples = max_examples
-    bootstraps, surface_bootstraps, window, seeds = 50, 10, 2.0, [0]
-  check_seeds = [int(seed) for seed in _CHECK_SEEDS.value] if _CHECK_SEEDS.value else seeds
   config_lib.validate(base)
-  os.makedirs(_OUT.value, exist_ok=True)
+  _check_settings(_OUT.value, {"config": base.to_dict(), "pool_examples": pool_examples})
   exp = Experiment(base, _OUT.value, pool_examples)
   pairs = sweep_plan(exp, budgets, widths, min_steps, max_examples)
+  if not pairs:
+    raise Error("no (budget, width) fits --min_steps and --max_examples: see the plan above")
   # A whole sweep per seed: an interrupted experiment has whole seeds.
   todo = [(b, w, seed) for seed in seeds for b, w in pairs
           if ("sweep", b, w, seed) not in exp.done]
@@ -431,17 +456,50 @@ def main(argv):
     exp.train("sweep", budget, width, seed, f"[{i}/{len(todo)}] ")
   try:
     result = fit(exp, pairs, seeds, window, bootstraps, surface_bootstraps)
-  except ValueError as error:  # too few sizes or budgets: the runs are in results.csv
-    print(f"compute_optimal.py: error: cannot fit: {error} (the runs are in {exp.results})",
-          file=sys.stderr)
-    sys.exit(2)
+  except ValueError as error:  # too few sizes or budgets
+    raise Error(f"cannot fit: {error} (the runs are in {exp.results})") from None
   print(describe_fit(result), flush=True)
-  if _CHECK.value:
-    check(exp, result, _CHECK_FACTOR.value, check_seeds)
-  plot(exp, result, pairs, check_seeds if _CHECK.value else [],
-       os.path.join(_OUT.value, "isoflop.png"))
+  report = check(exp, result, _CHECK_FACTOR.value, check_seeds) if _CHECK.value else None
+  plot(exp, result, pairs, report, os.path.join(_OUT.value, "isoflop.png"))
   print(f"wrote {exp.results}, {os.path.join(_OUT.value, 'fit.json')} and "
         f"{os.path.join(_OUT.value, 'isoflop.png')}")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from jaxddp.config import ConfigError
+  from jaxddp.train import TrainingInterrupted
+  try:
+    if _FIT.value or _PREDICT.value is not None:
+      if not (_FIT.value and _PREDICT.value is not None):
+        raise Error("--fit and --predict go together")
+      return predict(_FIT.value, _PREDICT.value)
+    if _CONFIG.value is None or not _OUT.value:
+      raise Error("--config and --out are required (or --fit and --predict)")
+    settings = dict(
+        budgets=_numbers("budgets", _BUDGETS.value, float, 1.0),
+        widths=_numbers("widths", _WIDTHS.value, int, 1),
+        seeds=_numbers("seeds", _SEEDS.value, int, 0), min_steps=_MIN_STEPS.value,
+        max_examples=_MAX_EXAMPLES.value, pool_examples=_POOL.value, window=_WINDOW.value,
+        bootstraps=_BOOTSTRAPS.value, surface_bootstraps=_SURFACE_BOOTSTRAPS.value)
+    if not settings["window"] > 0:
+      raise Error(f"--window={settings['window']}: must be above 0 (decades of N)")
+    if _QUICK.value:  # these replace the flags of the same names
+      _CONFIG.value.train.batch_size = 32
+      settings.update(budgets=[1e8, 2e8], widths=[2, 4, 8], min_steps=4, max_examples=8000,
+                      pool_examples=8000, bootstraps=50, surface_bootstraps=10, window=2.0,
+                      seeds=[0])
+    check_seeds = (_numbers("check_seeds", _CHECK_SEEDS.value, int, 0) if _CHECK_SEEDS.value
+                   else settings["seeds"])
+    run(check_seeds=check_seeds, **settings)
+  except (Error, ConfigError) as error:
+    print(f"compute_optimal.py: error: {error}", file=sys.stderr)
+    sys.exit(2)
+  except (KeyboardInterrupt, TrainingInterrupted):
+    print("compute_optimal.py: interrupted; the finished runs are in results.csv, and the "
+          "same command continues", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

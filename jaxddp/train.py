@@ -194,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start_step = int(parallel.local_value(backend.global_state(state).step))
   progress = Progress(recipe.total_steps, start_step, enabled=is_main_process)
   if is_main_process:
-    changes = _config_changes(workdir, config, run.given)
+    changes = config_changes(workdir, config, run.given)
     _save_config(workdir, config, recipe, run.given)
     progress.print(f"jaxddp: {backend.name} on {recipe.num_devices} {run.devices[0].platform} "
                    f"device(s), {recipe.num_processes} process(es)\nresolved recipe:\n"
@@ -443,8 +443,8 @@ def _fields(config: dict[str, Any], given: dict[str, str]) -> dict[str, Any]:
   return fields
 
 
-def _config_changes(workdir: str, config: ml_collections.ConfigDict,
-                    given: dict[str, str]) -> list[str]:
+def config_changes(workdir: str, config: ml_collections.ConfigDict,
+                   given: dict[str, str]) -> list[str]:
   """One line per field that differs from the workdir's config.json, written by an
   earlier run in this workdir (none if there is none)."""
   try:
