@@ -204,8 +204,6 @@ def interval(values: Sequence[float], level: float = 0.95) -> list[float]:
 
 # --- Approach 3: L(N, D) = E + A / N^alpha + B / D^beta. ---
 
-SURFACE_FIELDS = ("log_a", "log_b", "log_e", "alpha", "beta")
-
 
 def _surface_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray,
                        log_loss: np.ndarray, delta: float) -> tuple[float, np.ndarray]:
