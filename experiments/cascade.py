@@ -6,7 +6,7 @@ r"""A cascade of a cheap and a large model on MNIST-1D: accuracy against inferen
 The last --validation_examples of the config's training set are held out: both
 models (the config's model at --cheap_width and at --large_width) train on the rest,
 in OUT/cheap and OUT/large (or --cheap_workdir / --large_workdir; a finished run there
-is reused, one trained on other examples is refused). With the command above they
+is reused, one made with another config or on other examples is refused). With the command above they
 train on the standard 4000 and the held-out 4000 are fresh MNIST-1D examples.
 
 Both models' logits on every validation and test example, each exactly once,
