@@ -34,6 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.cli import Error, guarded  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/mnist1d.py.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
@@ -56,10 +57,6 @@ def _model_config(base, width: int):
   config.train.log_every = 10**9
   config.train.checkpoint_every = 10**9
   return config
-
-
-class Error(Exception):
-  """A mistake in the flags or the workdirs: printed as one line, exit status 2."""
 
 
 def _split(dataset, validation: int):
@@ -241,28 +238,23 @@ def run(cheap_width: int, large_width: int, validation: int) -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from jaxddp.config import ConfigError
-  from jaxddp.train import TrainingInterrupted
-  try:
-    if _CONFIG.value is None or not _OUT.value:
-      raise Error("--config and --out are required")
-    widths = (_CHEAP_WIDTH.value, _LARGE_WIDTH.value)
-    validation = _VALIDATION.value
-    if min(widths) < 1:
-      raise Error(f"--cheap_width={widths[0]} and --large_width={widths[1]} must be at least 1")
-    if _THRESHOLDS.value < 1 or not 0 <= _TOLERANCE.value < 1:
-      raise Error(f"--thresholds={_THRESHOLDS.value} must be at least 1 and "
-                  f"--tolerance={_TOLERANCE.value} in [0, 1)")
-    if _QUICK.value:  # these replace the flags of the same names
-      _CONFIG.value.train.num_steps, _CONFIG.value.train.batch_size = 20, 32
-      widths, validation = (2, 8), 500
-    run(*widths, validation)
-  except (Error, ConfigError) as error:
-    print(f"cascade.py: error: {error}", file=sys.stderr)
-    sys.exit(2)
-  except (KeyboardInterrupt, TrainingInterrupted):
-    print("cascade.py: interrupted; the same command resumes the runs", file=sys.stderr)
-    sys.exit(130)
+  guarded("cascade.py", _main)
+
+
+def _main() -> None:
+  if _CONFIG.value is None or not _OUT.value:
+    raise Error("--config and --out are required")
+  widths = (_CHEAP_WIDTH.value, _LARGE_WIDTH.value)
+  validation = _VALIDATION.value
+  if min(widths) < 1:
+    raise Error(f"--cheap_width={widths[0]} and --large_width={widths[1]} must be at least 1")
+  if _THRESHOLDS.value < 1 or not 0 <= _TOLERANCE.value < 1:
+    raise Error(f"--thresholds={_THRESHOLDS.value} must be at least 1 and "
+                f"--tolerance={_TOLERANCE.value} in [0, 1)")
+  if _QUICK.value:  # these replace the flags of the same names
+    _CONFIG.value.train.num_steps, _CONFIG.value.train.batch_size = 20, 32
+    widths, validation = (2, 8), 500
+  run(*widths, validation)
 
 
 if __name__ == "__main__":

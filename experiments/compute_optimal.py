@@ -46,6 +46,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.cli import Error, guarded  # noqa: E402
 from experiments.results import append_row, read_rows  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/mnist1d.py.")
@@ -400,10 +401,6 @@ def predict(fit_path: str, budget: float) -> None:
   print(describe_plan(plan))
 
 
-class Error(Exception):
-  """A mistake in the flags or files: printed as one line, exit status 2."""
-
-
 def _numbers(flag: str, values: list[str], kind, low: float) -> list:
   try:
     numbers = [kind(v) for v in values]
@@ -468,38 +465,32 @@ def run(budgets: list[float], widths: list[int], seeds: list[int], check_seeds: 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from jaxddp.config import ConfigError
-  from jaxddp.train import TrainingInterrupted
-  try:
-    if _FIT.value or _PREDICT.value is not None:
-      if not (_FIT.value and _PREDICT.value is not None):
-        raise Error("--fit and --predict go together")
-      return predict(_FIT.value, _PREDICT.value)
-    if _CONFIG.value is None or not _OUT.value:
-      raise Error("--config and --out are required (or --fit and --predict)")
-    settings = dict(
-        budgets=_numbers("budgets", _BUDGETS.value, float, 1.0),
-        widths=_numbers("widths", _WIDTHS.value, int, 1),
-        seeds=_numbers("seeds", _SEEDS.value, int, 0), min_steps=_MIN_STEPS.value,
-        max_examples=_MAX_EXAMPLES.value, pool_examples=_POOL.value, window=_WINDOW.value,
-        bootstraps=_BOOTSTRAPS.value, surface_bootstraps=_SURFACE_BOOTSTRAPS.value)
-    if not settings["window"] > 0:
-      raise Error(f"--window={settings['window']}: must be above 0 (decades of N)")
-    if _QUICK.value:  # these replace the flags of the same names
-      _CONFIG.value.train.batch_size = 32
-      settings.update(budgets=[1e8, 2e8], widths=[2, 4, 8], min_steps=4, max_examples=8000,
-                      pool_examples=8000, bootstraps=50, surface_bootstraps=10, window=2.0,
-                      seeds=[0])
-    check_seeds = (_numbers("check_seeds", _CHECK_SEEDS.value, int, 0) if _CHECK_SEEDS.value
-                   else settings["seeds"])
-    run(check_seeds=check_seeds, **settings)
-  except (Error, ConfigError) as error:
-    print(f"compute_optimal.py: error: {error}", file=sys.stderr)
-    sys.exit(2)
-  except (KeyboardInterrupt, TrainingInterrupted):
-    print("compute_optimal.py: interrupted; the finished runs are in results.csv, and the "
-          "same command continues", file=sys.stderr)
-    sys.exit(130)
+  guarded("compute_optimal.py", _main)
+
+
+def _main() -> None:
+  if _FIT.value or _PREDICT.value is not None:
+    if not (_FIT.value and _PREDICT.value is not None):
+      raise Error("--fit and --predict go together")
+    return predict(_FIT.value, _PREDICT.value)
+  if _CONFIG.value is None or not _OUT.value:
+    raise Error("--config and --out are required (or --fit and --predict)")
+  settings = dict(
+      budgets=_numbers("budgets", _BUDGETS.value, float, 1.0),
+      widths=_numbers("widths", _WIDTHS.value, int, 1),
+      seeds=_numbers("seeds", _SEEDS.value, int, 0), min_steps=_MIN_STEPS.value,
+      max_examples=_MAX_EXAMPLES.value, pool_examples=_POOL.value, window=_WINDOW.value,
+      bootstraps=_BOOTSTRAPS.value, surface_bootstraps=_SURFACE_BOOTSTRAPS.value)
+  if not settings["window"] > 0:
+    raise Error(f"--window={settings['window']}: must be above 0 (decades of N)")
+  if _QUICK.value:  # these replace the flags of the same names
+    _CONFIG.value.train.batch_size = 32
+    settings.update(budgets=[1e8, 2e8], widths=[2, 4, 8], min_steps=4, max_examples=8000,
+                    pool_examples=8000, bootstraps=50, surface_bootstraps=10, window=2.0,
+                    seeds=[0])
+  check_seeds = (_numbers("check_seeds", _CHECK_SEEDS.value, int, 0) if _CHECK_SEEDS.value
+                 else settings["seeds"])
+  run(check_seeds=check_seeds, **settings)
 
 
 if __name__ == "__main__":
