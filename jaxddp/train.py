@@ -46,13 +46,24 @@ class TrainingInterrupted(Exception):
 
 
 class NonFiniteLossError(Exception):
-  """The training loss became NaN or Inf; the last good checkpoint is kept."""
+  """The training loss became NaN or Inf; the last good checkpoint is kept.
+
+  `recipe` is the run's resolved recipe (set on the way out of train_and_evaluate).
+  """
+  recipe: "config_lib.Recipe | None" = None
 
 
 @dataclasses.dataclass
 class TrainResult:
+  """What a finished run returns: everything its last line of metrics.jsonl and its
+  config.json hold, so that a caller never re-reads the files of the run it just ran."""
   state: TrainState  # global view: arrays replicated on every device, whatever the backend
   eval_metrics: dict[str, float]  # {"loss": ..., "accuracy": ...} on the whole test split
+  train_metrics: dict[str, float]  # the last logging window: {"train/loss": ..., ...}
+  report: dict[str, float]  # the final report: FLOPs, sparsity, data pruning ("flops/...")
+  recipe: config_lib.Recipe  # the resolved recipe, as saved in config.json
+  last_step: int  # steps trained (InfoBatch: fewer than recipe.total_steps)
+  seconds: float  # wall-clock time of the training loop and final evaluation
 
 
 @dataclasses.dataclass
@@ -234,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = state.replace(examples=backend.put_state(tables))
 
   steps = run.training_steps(start_step, read_tables, write_tables)
+  train_metrics: dict[str, float] = {}
   try:
     with StopSignal() as stop, watchdog:
       for step, batch in window.timed(steps):
@@ -249,6 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             scalars.update(run.infobatch.progress(done))
           writer.write(done, scalars)
           progress.update(done, scalars)
+          train_metrics = scalars
         if eval_due(done, last):
           scalars = evaluate(backend, state, run.dataset, recipe)
           writer.write(done, {**{f"eval/{k}": v for k, v in scalars.items()},
@@ -271,6 +284,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       report["flops/saved_fraction"] = 1 - report["flops/train_total"] / (
           recipe.total_steps * report["flops/train_step_dense"])
     writer.write(last_step, {**{f"eval/{k}": v for k, v in final.items()}, **report})
+  except NonFiniteLossError as error:
+    error.recipe = recipe
+    raise
   finally:
     progress.close()
     writer.close()
@@ -286,7 +302,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    f"{report['flops/saved_fraction']:.1%}")
   progress.print(f"final test accuracy {final['accuracy']:.2%} (loss {final['loss']:.4f}) "
                  f"after {last_step} steps, {run_time:.1f}s of training")
-  return TrainResult(state=backend.global_state(state), eval_metrics=final)
+  return TrainResult(state=backend.global_state(state), eval_metrics=final,
+                     train_metrics=train_metrics, report=report, recipe=recipe,
+                     last_step=last_step, seconds=run_time)
 
 
 @dataclasses.dataclass(frozen=True)
