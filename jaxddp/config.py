@@ -104,6 +104,7 @@ def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
   _registered(config, "sparsity.method", sparsity.METHODS)
   _choice(config, "dataset.preprocess", PREPROCESSINGS)
   _choice(config, "model.stem", STEMS)
+  _choice(config, "model.bn_variance", models.BN_VARIANCES)
   _choice(config, "model.dtype", DTYPES)
   _choice(config, "optimizer.scaling", SCALINGS)
   _choice(config, "train.epochs_scaling", EPOCHS_SCALINGS)

@@ -89,6 +89,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.sync_batch_stats = True
   # Momentum of the batch-norm running averages.
   config.model.bn_momentum = 0.9
+  # batch_norm only: how the batch variance is computed. two_pass: mean((x - mean)^2),
+  # accurate in every channel. one_pass: E[x^2] - E[x]^2 (flax's fast variance, jaxddp's
+  # formula before December 2026), which loses digits in channels whose mean is large
+  # against their spread and lets 1 and 8 devices drift apart; kept to continue old runs
+  # bit for bit. See docs/numerics.md. (ghost_batch_norm always uses two passes.)
+  config.model.bn_variance = "two_pass"
   # CNN and ResNets: channels of the first stage; later stages double it.
   config.model.width = 64
   # ResNet stem: imagenet (7x7 stride-2 conv + max-pool), small (3x3 stride-1 conv,

@@ -310,7 +310,15 @@ def test_ghost_batches_normalise_like_per_device_batch_norm_on_more_devices(tiny
   per_device = tiny_config.copy_and_resolve_references()
   per_device.model.norm, per_device.model.sync_batch_stats = "batch_norm", False
   local, local_result = _train_losses(per_device, tmp_path / "local", 8)
-  np.testing.assert_allclose(ghost, local, rtol=1e-5)
+  # The groups are right if the first steps agree to the last bits: grouping the examples
+  # wrongly changes the loss at step 1 by more than 1e-2. Later steps drift as any two
+  # device counts do: 2 and 8 devices sum the gradients in another order, and those
+  # last-bit differences (1e-7 at step 3 here) grow where a max-pool or ReLU input is
+  # near a tie. Measured with the two-pass batch norm: 1.6e-5 at step 7, 2.8e-5 at step 9
+  # (with flax's one-pass formula this seed happened to stay at 1.1e-7); hence 1e-6 for
+  # the first three steps and 1e-4, the bound of the equivalence tests, for all ten.
+  np.testing.assert_allclose(ghost[:3], local[:3], rtol=1e-6)
+  np.testing.assert_allclose(ghost, local, rtol=1e-4)
 
   one_ghost, one_ghost_result = _train_losses(tiny_config.copy_and_resolve_references(),
                                               tmp_path / "one_ghost", 8)

@@ -101,4 +101,5 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], num_classes: int
 
 # The built-in models register themselves on import (after `register` exists).
 from jaxddp.models import cnn, resnet, vit  # noqa: E402,F401
-from jaxddp.models.layers import NORMS, Layers, compute_dtype, layers, norm_layer  # noqa: E402,F401
+from jaxddp.models.layers import (BN_VARIANCES, NORMS, Layers, compute_dtype, layers,  # noqa: E402,F401
+                                  norm_layer)

@@ -73,6 +73,10 @@ def layers(config: ml_collections.ConfigDict) -> Layers:
 
 NORMS: Registry[Callable[[ml_collections.ConfigDict], ModuleDef]] = Registry("norm", "model.norm")
 
+# config.model.bn_variance: mean((x - mean)^2) (two passes over the batch), or flax's
+# E[x^2] - E[x]^2 (one pass), which cancels catastrophically when |mean| >> spread.
+BN_VARIANCES = ("two_pass", "one_pass")
+
 
 class NoNorm(nn.Module):
   """config.model.norm = "none": the identity (cast to `dtype` if given), taking a norm
@@ -88,10 +92,12 @@ class NoNorm(nn.Module):
 @NORMS.register("batch_norm")
 def batch_norm(config: ml_collections.ConfigDict) -> ModuleDef:
   """flax's BatchNorm. With sync_batch_stats its statistics are averaged over the "data"
-  axis inside the step (cross-device batch norm)."""
+  axis inside the step (cross-device batch norm). The variance takes two passes unless
+  config.model.bn_variance says one_pass (see docs/numerics.md)."""
   axis_name = "data" if config.model.sync_batch_stats else None
   return functools.partial(nn.BatchNorm, momentum=config.model.bn_momentum, epsilon=1e-5,
-                           axis_name=axis_name, dtype=compute_dtype(config))
+                           axis_name=axis_name, dtype=compute_dtype(config),
+                           use_fast_variance=config.model.bn_variance == "one_pass")
 
 
 @NORMS.register("ghost_batch_norm")
