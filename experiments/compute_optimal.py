@@ -24,12 +24,12 @@ log N per budget (the widths within --window decades of the lowest) and power la
 through the minima (approach 2), and L(N, D) = E + A/N^alpha + B/D^beta (approach 3,
 Huber loss), both with bootstrap intervals that resample each point's seeds (none
 with one seed). Writes OUT/results.csv (one row per run, appended as runs finish: an
-interrupted experiment continues), OUT/fit.json and OUT/isoflop.png.
+interrupted experiment continues), OUT/fit.json (a jaxddp.scaling.Fit) and OUT/isoflop.png.
 
 --check trains, at --check_factor x the largest budget, the width the fit predicts and
 one on each side (x/1.5, x1.5), with each of --check_seeds, and writes OUT/check.json.
---fit=FIT --predict=C prints the plan for budget C and refuses one more than 100x
-outside the fitted budgets.
+--fit=FIT --predict=C prints the plan for budget C (jaxddp.scaling.Fit.load(FIT).plan(C))
+and refuses one more than 100x outside the fitted budgets.
 --quick: tiny budgets and widths, for tests.
 """
 
@@ -208,44 +208,44 @@ def mean_runs(rows: list[dict], part: str, seeds: list[int], pairs=None):
 
 
 def fit(exp: Experiment, pairs: list[tuple[float, int]], seeds: list[int], window: float,
-        bootstraps: int, surface_bootstraps: int) -> dict:
+        bootstraps: int, surface_bootstraps: int):
   """Fits the sweep's (budget, width) pairs (results.csv may hold others, from other
-  settings: they are left out)."""
+  settings: they are left out) and saves the fit (a scaling.Fit) as OUT/fit.json, with
+  what the experiment records about it."""
   from jaxddp import scaling
   runs, spreads = mean_runs(read_rows(exp.results), "sweep", seeds, set(pairs))
   widths = sorted({w for _, w in pairs})
-  family = {"widths": widths, "params": [exp.cost(w).params for w in widths],
-            "train_flops": [exp.cost(w).train_flops for w in widths]}
-  gamma, _ = scaling.power_law(family["params"], family["train_flops"])
-  iso = scaling.isoflop_fit(runs, window=window, bootstraps=bootstraps)
-  surface = scaling.loss_surface_fit(runs, gamma=gamma, bootstraps=surface_bootstraps)
-  budgets = sorted({r.budget for r in runs})
-  result = {"config": exp.base.to_dict(), "batch_size": exp.batch_size, "budgets": budgets,
-            "points": len(runs), "seeds": seeds, "runs": len(runs) * len(seeds),
-            "window": window,
-            "seed_spread": {"median": float(np.median(spreads)) if spreads else None,
-                            "max": max(spreads) if spreads else None},
-            "family": family,
-            "family_fit_error": scaling.Family(**family).max_relative_error(),
-            "gamma": gamma, "isoflop": iso, "surface": surface,
-            "chinchilla": {"a": 0.49, "b": 0.51, "approach_3": {"a": 0.46, "b": 0.54}}}
-  with open(os.path.join(exp.out, "fit.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  family = scaling.Family(widths=widths, params=[exp.cost(w).params for w in widths],
+                          train_flops=[exp.cost(w).train_flops for w in widths])
+  gamma, _ = scaling.power_law(family.params, family.train_flops)
+  about = {"config": exp.base.to_dict(), "points": len(runs), "seeds": seeds,
+           "runs": len(runs) * len(seeds), "window": window,
+           "seed_spread": {"median": float(np.median(spreads)) if spreads else None,
+                           "max": max(spreads) if spreads else None},
+           "family_fit_error": family.max_relative_error(), "gamma": gamma,
+           "chinchilla": {"a": 0.49, "b": 0.51, "approach_3": {"a": 0.46, "b": 0.54}}}
+  result = scaling.Fit(
+      budgets=sorted({r.budget for r in runs}), batch_size=exp.batch_size, family=family,
+      isoflop=scaling.isoflop_fit(runs, window=window, bootstraps=bootstraps),
+      surface=scaling.loss_surface_fit(runs, gamma=gamma, bootstraps=surface_bootstraps),
+      about=about)
+  result.save(os.path.join(exp.out, "fit.json"))
   return result
 
 
-def describe_fit(result: dict) -> str:
-  iso, surface = result["isoflop"], result["surface"]
+def describe_fit(result) -> str:
+  """What a fit (a scaling.Fit made by fit() above) found, in a few lines."""
+  iso, surface, about = result.isoflop, result.surface, result.about
   interval = lambda v: f"[{v[0]:.3f}, {v[1]:.3f}]"
-  seeds = len(result["seeds"])
-  lines = [f"{result['points']} (budget, width) points, each the mean test loss of "
-           f"{seeds} seed{'s' if seeds > 1 else ''} ({result['runs']} runs), over "
-           f"{len(result['budgets'])} budgets; training FLOPs per example ~ "
-           f"N^{result['gamma']:.3f} across the family"]
-  if result["seed_spread"]["median"] is not None:
+  seeds = len(about["seeds"])
+  lines = [f"{about['points']} (budget, width) points, each the mean test loss of "
+           f"{seeds} seed{'s' if seeds > 1 else ''} ({about['runs']} runs), over "
+           f"{len(result.budgets)} budgets; training FLOPs per example ~ "
+           f"N^{surface['gamma']:.3f} across the family"]
+  if about["seed_spread"]["median"] is not None:
     lines.append(f"seed noise: the test loss's standard deviation across seeds is "
-                 f"{result['seed_spread']['median']:.1%} of it (median over points; at most "
-                 f"{result['seed_spread']['max']:.1%})")
+                 f"{about['seed_spread']['median']:.1%} of it (median over points; at most "
+                 f"{about['seed_spread']['max']:.1%})")
   for m in iso["minima"]:
     if math.isnan(m["log10_params"]):
       lines.append(f"  C={m['budget']:.3g}: no minimum (too few sizes or the parabola curves "
@@ -282,12 +282,11 @@ def describe_plan(p: dict) -> str:
           f"({loss_interval})")
 
 
-def check(exp: Experiment, result: dict, factor: float, seeds: list[int]) -> dict:
-  """Trains the planned width and one on each side at factor x the largest budget, with
-  each seed; compares their mean test losses."""
-  from jaxddp import scaling
-  budget = factor * max(result["budgets"])
-  p = scaling.plan(result, budget)
+def check(exp: Experiment, result, factor: float, seeds: list[int]) -> dict:
+  """Trains the width a fit (a scaling.Fit) plans and one on each side at factor x the
+  largest budget, with each seed; compares their mean test losses."""
+  budget = factor * max(result.budgets)
+  p = result.plan(budget)
   print("check: " + describe_plan(p), flush=True)
   widths = sorted({max(1, round(p["width"] / 1.5)), p["width"], round(p["width"] * 1.5)})
   pool = max(exp.examples(budget, w) for w in widths)
@@ -318,8 +317,10 @@ def check(exp: Experiment, result: dict, factor: float, seeds: list[int]) -> dic
   return report
 
 
-def plot(exp: Experiment, result: dict, pairs: list[tuple[float, int]], report: dict | None,
+def plot(exp: Experiment, result, pairs: list[tuple[float, int]], report: dict | None,
          path: str) -> None:
+  """The IsoFLOP curves and their minima (left), N_opt and D_opt against C (right), from
+  the runs and their fit (a scaling.Fit)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -327,10 +328,10 @@ def plot(exp: Experiment, result: dict, pairs: list[tuple[float, int]], report: 
   from jaxddp import scaling
 
   rows = read_rows(exp.results)
-  iso, surface = result["isoflop"], result["surface"]
+  iso, surface, seeds = result.isoflop, result.surface, result.about["seeds"]
   pairs = set(pairs)
-  means, _ = mean_runs(rows, "sweep", result["seeds"], pairs)
-  seed_points = [r for r in rows if r["part"] == "sweep" and int(r["seed"]) in result["seeds"]
+  means, _ = mean_runs(rows, "sweep", seeds, pairs)
+  seed_points = [r for r in rows if r["part"] == "sweep" and int(r["seed"]) in seeds
                  and (float(r["budget"]), int(r["width"])) in pairs]
   fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
   for i, minimum in enumerate(iso["minima"]):
@@ -357,11 +358,11 @@ def plot(exp: Experiment, result: dict, pairs: list[tuple[float, int]], report: 
     left.scatter([r.params for r in checks], [r.loss for r in checks], marker="D",
                  color="black", label=f"check, C = {checks[0].budget:.1e}")
   left.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="final test loss",
-           title=f"IsoFLOP curves (mean of {len(result['seeds'])} seed(s); small dots: each)")
+           title=f"IsoFLOP curves (mean of {len(seeds)} seed(s); small dots: each)")
   left.legend(fontsize="small", ncol=2, loc="upper right")
   good = [m for m in iso["minima"] if not math.isnan(m["log10_params"])]
   budgets = np.array([m["budget"] for m in good])
-  span = np.geomspace(min(result["budgets"]) / 2, max(result["budgets"]) * 8, 50)
+  span = np.geomspace(min(result.budgets) / 2, max(result.budgets) * 8, 50)
   right.scatter(budgets, [10 ** m["log10_params"] for m in good], color="C0", label="N_opt")
   right.scatter(budgets, [m["examples"] for m in good], color="C1", label="D_opt")
   right.plot(span, 10 ** (iso["a"] * np.log10(span) + iso["log10_k_params"]), color="C0",
@@ -369,10 +370,10 @@ def plot(exp: Experiment, result: dict, pairs: list[tuple[float, int]], report: 
   right.plot(span, 10 ** (iso["b"] * np.log10(span) + iso["log10_k_examples"]), color="C1",
              label=f"D_opt ~ C^{iso['b']:.2f} (approach 2)")
   # Approach 3's optimum at each budget, with the family's FLOPs per example ~ N^gamma.
-  family = result["family"]
-  slope, intercept = np.polyfit(np.log10(family["params"]), np.log10(family["train_flops"]), 1)
+  family = result.family
+  slope, intercept = np.polyfit(np.log10(family.params), np.log10(family.train_flops), 1)
   flops = lambda n: 10 ** (slope * np.log10(n) + intercept)
-  grid = np.geomspace(min(family["params"]) / 10, max(family["params"]) * 10, 400)
+  grid = np.geomspace(min(family.params) / 10, max(family.params) * 10, 400)
   best = np.array([grid[np.argmin(scaling.surface_loss(surface, grid, c / flops(grid)))]
                    for c in span])
   right.plot(span, best, color="C0", ls="--", label=f"N_opt, approach 3 (C^{surface['a']:.2f})")
@@ -390,9 +391,7 @@ def plot(exp: Experiment, result: dict, pairs: list[tuple[float, int]], report: 
 def predict(fit_path: str, budget: float) -> None:
   from jaxddp import scaling
   try:
-    with open(fit_path) as f:
-      result = json.load(f)
-    plan = scaling.plan(result, budget)
+    plan = scaling.Fit.load(fit_path).plan(budget)
   except scaling.BudgetOutOfRange as error:
     raise Error(str(error)) from None
   except (OSError, ValueError, KeyError, TypeError) as error:

@@ -17,7 +17,9 @@ weights, twice that for the backward pass), not 6N.
   to every run with a Huber loss on log L, by L-BFGS-B from a grid of starting points.
   With f(N) ~ N^gamma it predicts N_opt ~ C^(beta / (alpha + gamma beta)) and
   D_opt ~ C^(alpha / (alpha + gamma beta)); gamma = 1 gives Chinchilla's a and b.
-* `plan(fit, budget)`: the width, examples, steps and expected test loss for a budget.
+* `Fit`: both fits of one model family with its widths and batch size, in its own JSON
+  form (fit.json); `Fit.plan(budget)`: the width, examples, steps and expected test loss
+  for a budget.
 
 numpy does the parabolas (linear least squares), scipy the rest.
 """
@@ -26,8 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
-from typing import Iterable, Sequence
+import os
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -318,33 +322,83 @@ class BudgetOutOfRange(ValueError):
   pass
 
 
-def plan(fit: dict, budget: float) -> dict:
-  """The width, examples, steps and expected test loss for `budget`, from fit.json's
-  content (experiments/compute_optimal.py): N_opt from approach 2's power law, its
-  95% interval from the bootstrap; the loss from approach 3 at the planned N and D."""
-  low, high = min(fit["budgets"]), max(fit["budgets"])
-  if not (math.isfinite(budget) and budget > 0):
-    raise BudgetOutOfRange(f"a budget must be a positive number of FLOPs, not {budget}")
-  if not low / MAX_EXTRAPOLATION <= budget <= high * MAX_EXTRAPOLATION:
-    raise BudgetOutOfRange(
-        f"a budget of {budget:.3g} FLOPs is more than {MAX_EXTRAPOLATION:g}x outside the "
-        f"fitted budgets ({low:.3g} to {high:.3g}); the fit cannot say")
-  family = Family(**fit["family"])
-  batch_size = fit["batch_size"]
-  iso = fit["isoflop"]
-  log_c = math.log10(budget)
-  optimum = 10 ** (iso["a"] * log_c + iso["log10_k_params"])
-  draws = [10 ** (s["a"] * log_c + s["log10_k_params"]) for s in iso["bootstrap"]]
-  width = family.width_for(optimum)
-  params, train_flops = family.cost(width)
-  params = round(params)  # a count: the quadratic is exact for the built-in models
-  examples = examples_for_budget(budget, train_flops, batch_size)
-  surface = fit["surface"]
-  losses = [surface_loss(s, params, examples) for s in surface["bootstrap"]]
-  return {"budget": budget, "params_optimal": optimum, "params_interval": interval(draws),
-          "width": width, "width_interval": [family.width_for(n) if math.isfinite(n) else None
-                                             for n in interval(draws)],
-          "params": params, "train_flops_per_example": train_flops, "examples": examples,
-          "steps": examples // batch_size, "batch_size": batch_size,
-          "loss": float(surface_loss(surface, params, examples)),
-          "loss_interval": interval(losses)}
+@dataclasses.dataclass(frozen=True)
+class Fit:
+  """Both fits of one model family, trained at `budgets` with one batch size: what the
+  planner needs, with a JSON form of its own (fit.json).
+
+  The JSON form is a dict of the fields below, and `about` merged in at its top level:
+  whatever the maker of the fit records with it (experiments/compute_optimal.py: the
+  config, seeds, run counts, seed noise). The planner never reads `about`.
+  """
+  budgets: list[float]  # the planner refuses budgets more than 100x outside them
+  batch_size: int  # of every run: D is whole batches
+  family: Family  # the widths trained, with their N and training FLOPs per example
+  isoflop: dict[str, Any]  # isoflop_fit's result (approach 2): N_opt and its interval
+  surface: dict[str, Any]  # loss_surface_fit's result (approach 3): the expected loss
+  about: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  # What plan() reads of each fit: checked on loading, so that a file that is not a fit
+  # fails there and says what it lacks.
+  _NEEDS = {"isoflop": ("a", "log10_k_params", "bootstrap"),
+            "surface": ("E", "A", "B", "alpha", "beta", "bootstrap")}
+
+  def to_dict(self) -> dict[str, Any]:
+    return {**self.about, "budgets": list(self.budgets), "batch_size": self.batch_size,
+            "family": dataclasses.asdict(self.family), "isoflop": self.isoflop,
+            "surface": self.surface}
+
+  @classmethod
+  def from_dict(cls, fields: dict[str, Any]) -> "Fit":
+    """The fit of to_dict's output (or of a fit.json written before Fit existed: the
+    same form). Raises ValueError if `fields` lacks something the planner reads."""
+    names = ("budgets", "batch_size", "family", "isoflop", "surface")
+    missing = [name for name in names if name not in fields]
+    missing += [f"{part}.{name}" for part, needs in cls._NEEDS.items() if part in fields
+                for name in needs if name not in fields[part]]
+    if missing:
+      raise ValueError(f"not a compute-optimal fit: no {', '.join(missing)}")
+    return cls(budgets=[float(b) for b in fields["budgets"]],
+               batch_size=int(fields["batch_size"]), family=Family(**fields["family"]),
+               isoflop=fields["isoflop"], surface=fields["surface"],
+               about={k: v for k, v in fields.items() if k not in names})
+
+  def save(self, path: str) -> None:
+    """Writes the JSON form to `path` atomically: a reader sees the old fit or the new."""
+    with open(path + ".tmp", "w") as f:
+      json.dump(self.to_dict(), f, indent=1)
+    os.replace(path + ".tmp", path)
+
+  @classmethod
+  def load(cls, path: str) -> "Fit":
+    with open(path) as f:
+      return cls.from_dict(json.load(f))
+
+  def plan(self, budget: float) -> dict:
+    """The width, examples, steps and expected test loss for `budget`: N_opt from
+    approach 2's power law, its 95% interval from the bootstrap; the loss from approach
+    3 at the planned N and D. Raises BudgetOutOfRange for a budget the fit cannot
+    speak for."""
+    low, high = min(self.budgets), max(self.budgets)
+    if not (math.isfinite(budget) and budget > 0):
+      raise BudgetOutOfRange(f"a budget must be a positive number of FLOPs, not {budget}")
+    if not low / MAX_EXTRAPOLATION <= budget <= high * MAX_EXTRAPOLATION:
+      raise BudgetOutOfRange(
+          f"a budget of {budget:.3g} FLOPs is more than {MAX_EXTRAPOLATION:g}x outside the "
+          f"fitted budgets ({low:.3g} to {high:.3g}); the fit cannot say")
+    iso, surface, family = self.isoflop, self.surface, self.family
+    log_c = math.log10(budget)
+    optimum = 10 ** (iso["a"] * log_c + iso["log10_k_params"])
+    draws = [10 ** (s["a"] * log_c + s["log10_k_params"]) for s in iso["bootstrap"]]
+    width = family.width_for(optimum)
+    params, train_flops = family.cost(width)
+    params = round(params)  # a count: the quadratic is exact for the built-in models
+    examples = examples_for_budget(budget, train_flops, self.batch_size)
+    losses = [surface_loss(s, params, examples) for s in surface["bootstrap"]]
+    return {"budget": budget, "params_optimal": optimum, "params_interval": interval(draws),
+            "width": width, "width_interval": [family.width_for(n) if math.isfinite(n)
+                                               else None for n in interval(draws)],
+            "params": params, "train_flops_per_example": train_flops, "examples": examples,
+            "steps": examples // self.batch_size, "batch_size": self.batch_size,
+            "loss": float(surface_loss(surface, params, examples)),
+            "loss_interval": interval(losses)}

@@ -4,6 +4,7 @@ and both experiments end to end in their --quick modes."""
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -75,9 +76,10 @@ def test_planner_follows_the_fitted_law_and_refuses_far_budgets():
   assert family.width_for(100 + 50 * 11 ** 2) == 11
   law = {"a": 0.5, "log10_k_params": -2.0}
   surface = {"E": 0.01, "A": 1.0, "B": 1.0, "alpha": 0.5, "beta": 0.5}
-  fit = {"budgets": [1e10, 1e12], "batch_size": 32, "family": family.__dict__,
-         "isoflop": {**law, "bootstrap": [law] * 3}, "surface": {**surface, "bootstrap": [surface]}}
-  plan = scaling.plan(fit, 4e12)
+  fit = scaling.Fit(budgets=[1e10, 1e12], batch_size=32, family=family,
+                    isoflop={**law, "bootstrap": [law] * 3},
+                    surface={**surface, "bootstrap": [surface]})
+  plan = fit.plan(4e12)
   assert plan["params_optimal"] == pytest.approx(10 ** -2.0 * 4e12 ** 0.5)  # 20,000
   assert plan["width"] == 20 and plan["params"] == pytest.approx(100 + 50 * 400)
   assert plan["examples"] % 32 == 0 and plan["examples"] == plan["steps"] * 32
@@ -85,13 +87,31 @@ def test_planner_follows_the_fitted_law_and_refuses_far_budgets():
   assert (plan["examples"] + 32) * plan["train_flops_per_example"] > 4e12
   assert plan["loss"] == pytest.approx(scaling.surface_loss(surface, plan["params"],
                                                             plan["examples"]))
-  scaling.plan(fit, 1e12 * 100)  # the edge of the range is allowed
+  fit.plan(1e12 * 100)  # the edge of the range is allowed
   for budget in (1e12 * 101, 1e10 / 101):
     with pytest.raises(scaling.BudgetOutOfRange, match="more than 100x outside"):
-      scaling.plan(fit, budget)
+      fit.plan(budget)
   for budget in (0.0, -5.0, math.nan):
     with pytest.raises(scaling.BudgetOutOfRange, match="a positive number of FLOPs"):
-      scaling.plan(fit, budget)
+      fit.plan(budget)
+
+
+def test_fit_keeps_its_json_form_and_reads_the_files_written_before_it(tmp_path):
+  """docs/compute_optimal_fit.json (written before scaling.Fit existed) loads and plans
+  what the README prints; saved again, it has the same keys and plans the same."""
+  fit = scaling.Fit.load(os.path.join(REPO, "docs", "compute_optimal_fit.json"))
+  plan = fit.plan(1.2e12)
+  assert (plan["width"], plan["examples"], plan["steps"]) == (14, 842240, 6580)
+  assert fit.about["seeds"] == [0, 1, 2]  # what the experiment recorded, kept as it was
+  fit.save(str(tmp_path / "fit.json"))
+  with open(os.path.join(REPO, "docs", "compute_optimal_fit.json")) as f, \
+      open(tmp_path / "fit.json") as g:
+    assert json.load(f).keys() == json.load(g).keys()
+  assert not (tmp_path / "fit.json.tmp").exists()
+  assert scaling.Fit.load(str(tmp_path / "fit.json")).plan(1.2e12) == plan
+  with pytest.raises(ValueError, match="no surface, isoflop.log10_k_params"):
+    scaling.Fit.from_dict({"budgets": [1e8], "batch_size": 32, "family": {},
+                           "isoflop": {"a": 0.5, "bootstrap": []}})
 
 
 def test_cascade_at_the_extreme_thresholds_is_each_model_exactly():
