@@ -6,7 +6,7 @@ on every input, the large one only on the deferred, so a cascade's inference FLO
 example are f_cheap + (fraction deferred) x f_large. t = 0 defers nothing (the cheap
 model alone); any t > 1 defers everything (the large model, plus the cheap one's cost).
 
-The per-example logits come from jaxddp.pruning.outputs.per_example_outputs, so every
+The per-example logits come from jaxddp.evaluate.per_example_outputs, so every
 example is evaluated exactly once, data-parallel (experiments/cascade.py).
 """
 

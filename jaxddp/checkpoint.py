@@ -18,7 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from jaxddp.config import ConfigError
+from jaxddp.errors import ConfigError
 from jaxddp.state import TrainState, checkpoint_items, with_checkpoint_items
 
 

@@ -1,17 +1,25 @@
-"""Config validation and the resolved recipe (every value derived from the config).
+"""Config validation: a whole config checked against every registry and range.
 
 A bad config fails here, before anything is compiled or written, with one line
-that names the field, the value and what would be valid.
+that names the field, the value and what would be valid. This module sits above the
+registries it checks names against (models, data, optim, losses, parallel, sparsity,
+pruning); they raise ConfigError from jaxddp.errors, below them all. ConfigError,
+Recipe and resolve are re-exported here for the callers that know them by this name.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from typing import Any
 
 import ml_collections
+
+from jaxddp import data, losses, models, optim, parallel, pruning, sparsity
+from jaxddp.errors import ConfigError
+from jaxddp.pruning import scores, select
+from jaxddp.recipe import Recipe, resolve  # noqa: F401  (re-exported)
+from jaxddp.registry import is_import_path
 
 # Choices that are not registries (models, datasets, norms, optimizers, schedules,
 # losses and sparsity methods are: see validate).
@@ -23,16 +31,11 @@ EPOCHS_SCALINGS = ("none", "linear")
 CLUSTERS = ("auto", "none", "slurm", "ompi", "k8s")
 SPARSITY_DISTRIBUTIONS = ("uniform", "erk")
 SPARSITY_SCOPES = ("layerwise", "global")
-DYNAMIC_PRUNING = ("none", "infobatch")
 # Numeric fields that must be integers (the range checks name them so).
 INTEGER_FIELDS = ("train.accumulation_steps", "optimizer.reference_batch_size",
                   "optimizer.warmup_steps", "model.ghost_batch_size", "dataset.image_size",
                   "dataset.shuffle_buffer", "model.patch_size", "model.depth", "init_from.step",
                   "dataset.num_train_examples")
-
-
-class ConfigError(ValueError):
-  """A user error in the config or the command line; reported as one line."""
 
 
 def _choice(config: ml_collections.ConfigDict, field: str, valid) -> None:
@@ -45,7 +48,6 @@ def _registered(config: ml_collections.ConfigDict, field: str, registry,
                 import_paths: bool = False) -> None:
   """The name is in `registry` (or, where allowed, has the form package.module:attribute,
   which is imported later, once the devices are set: the module may use JAX)."""
-  from jaxddp.registry import is_import_path
   value = _get(config, field)
   if import_paths and is_import_path(value):
     return
@@ -84,8 +86,6 @@ def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
   The names of a model, dataset or loss passed to train_and_evaluate as objects
   (`*_given`) are not checked: the objects are used instead.
   """
-  # The registries are filled by their modules, which import this one.
-  from jaxddp import data, losses, models, optim, parallel, sparsity
   seed = config.seed
   if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
     raise ConfigError(f"config.seed={seed!r} is not valid; it must be an integer in "
@@ -170,11 +170,12 @@ def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
 
 
 def _validate_data_pruning(config: ml_collections.ConfigDict) -> None:
-  from jaxddp.pruning import scores, select
   dp = config.data_pruning
   _registered(config, "data_pruning.score", scores.SCORES)
   _choice(config, "data_pruning.policy", select.POLICIES)
-  _choice(config, "data_pruning.dynamic", DYNAMIC_PRUNING)
+  if dp.dynamic != "none" and (not isinstance(dp.dynamic, str) or dp.dynamic not in
+                               pruning.DYNAMIC):
+    raise pruning.DYNAMIC.unknown(dp.dynamic, ", or none")
   for field in ("num_runs", "num_clusters", "chunk_size"):
     value = dp[field]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -228,127 +229,3 @@ def _validate_sparsity(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.sparsity.distribution='erk' sets each layer's sparsity, which "
                       "config.sparsity.scope='global' leaves to one magnitude threshold; use "
                       "scope=layerwise with erk, or distribution=uniform with global")
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-  """The numbers a run actually uses, derived from the config, data and devices.
-
-  A step is one optimizer update. With gradient accumulation it sees
-  accumulation_steps micro-batches of batch_size examples (one at a time per
-  device), so the effective batch is their product; epochs, steps, learning-rate
-  scaling and schedules all count in effective batches.
-  """
-  num_processes: int
-  num_devices: int
-  batch_size: int  # global examples per forward pass (config.train.batch_size)
-  per_process_batch_size: int
-  per_device_batch_size: int  # examples per device per forward pass: what memory holds
-  accumulation_steps: int
-  effective_batch_size: int  # examples per optimizer update
-  eval_global_batch_size: int
-  num_train_examples: int
-  num_test_examples: int
-  steps_per_epoch: int
-  epochs_scale: float  # train longer: epochs and decay points are multiplied by this
-  total_steps: int
-  epochs: float
-  warmup_steps: int
-  base_learning_rate: float  # config.optimizer.learning_rate, at reference_batch_size
-  scaling: str
-  peak_learning_rate: float
-  schedule: str
-  decay_steps: tuple[int, ...]  # step schedule: updates after which the LR is multiplied
-  eval_steps: int
-  data_pruning: str = "none"  # what data pruning does (jaxddp.pruning.describe)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-
-def _divisible(field: str, value: int, num_devices: int, num_processes: int) -> None:
-  if value % num_devices:
-    raise ConfigError(
-        f"config.{field}={value} is not divisible by the {num_devices} devices; use a "
-        f"multiple of {num_devices} (e.g. {max(1, round(value / num_devices)) * num_devices})")
-  if value % num_processes:
-    raise ConfigError(f"config.{field}={value} is not divisible by the {num_processes} processes")
-
-
-def _check_ghost_batch_size(ghost: int, batch: int, num_devices: int, accumulation: int) -> None:
-  """Ghost batches split each device's batch of one forward pass (one micro-batch)."""
-  per_device = batch // num_devices
-  if ghost < per_device and per_device % ghost:
-    divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
-    nearest = min(divisors, key=lambda d: (abs(d - ghost), d))
-    micro = f", one of {accumulation} accumulated micro-batches" if accumulation > 1 else ""
-    raise ConfigError(
-        f"config.model.ghost_batch_size={ghost} does not divide the per-device batch of "
-        f"{per_device} examples (config.train.batch_size={batch} over {num_devices} "
-        f"device{'s' if num_devices > 1 else ''}{micro}); use a divisor of {per_device}, "
-        f"e.g. {nearest}")
-
-
-def resolve(config: ml_collections.ConfigDict, *, num_train_examples: int, num_test_examples: int,
-            num_devices: int, num_processes: int = 1) -> Recipe:
-  """Derives batch splits, step counts, the peak learning rate and the schedule's anchors."""
-  batch = config.train.batch_size
-  _divisible("train.batch_size", batch, num_devices, num_processes)
-  eval_batch = config.train.eval_batch_size or batch
-  _divisible("train.eval_batch_size", eval_batch, num_devices, num_processes)
-  accumulation = config.train.accumulation_steps
-  effective = batch * accumulation
-  if config.model.norm == "ghost_batch_norm":
-    _check_ghost_batch_size(config.model.ghost_batch_size, batch, num_devices, accumulation)
-  steps_per_epoch = num_train_examples // effective
-  if steps_per_epoch == 0:
-    what = (f"config.train.batch_size={batch}" if accumulation == 1 else
-            f"the effective batch {effective} (batch_size {batch} x accumulation_steps "
-            f"{accumulation})")
-    raise ConfigError(f"{what} is larger than the {num_train_examples} training examples; "
-                      "use a smaller batch")
-
-  ratio = effective / config.optimizer.reference_batch_size
-  epochs_scale = ratio if config.train.epochs_scaling == "linear" else 1.0
-  if config.train.num_steps > 0:
-    total_steps = int(config.train.num_steps)
-  else:
-    total_steps = max(1, math.ceil(config.train.num_epochs * epochs_scale * steps_per_epoch))
-  if config.optimizer.warmup_steps > 0:
-    warmup_steps, warmup_field = config.optimizer.warmup_steps, "warmup_steps"
-  else:
-    warmup_steps = round(config.optimizer.warmup_epochs * steps_per_epoch)
-    warmup_field = "warmup_epochs"
-  # A run whose length is given in steps may stop inside the warmup (a smoke test
-  # of a long recipe); one whose epochs end before the warmup does is a mistake.
-  if warmup_steps >= total_steps and warmup_steps > 0 and config.train.num_steps == 0:
-    raise ConfigError(f"config.optimizer.{warmup_field}={config.optimizer[warmup_field]} gives "
-                      f"{warmup_steps} warmup steps, not fewer than the {total_steps} total steps")
-  decay_steps = ()
-  if config.optimizer.schedule == "step":
-    decay_steps = tuple(round(e * epochs_scale * steps_per_epoch)
-                        for e in config.optimizer.decay_epochs)
-  factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[config.optimizer.scaling]
-  return Recipe(
-      num_processes=num_processes,
-      num_devices=num_devices,
-      batch_size=batch,
-      per_process_batch_size=batch // num_processes,
-      per_device_batch_size=batch // num_devices,
-      accumulation_steps=accumulation,
-      effective_batch_size=effective,
-      eval_global_batch_size=eval_batch,
-      num_train_examples=num_train_examples,
-      num_test_examples=num_test_examples,
-      steps_per_epoch=steps_per_epoch,
-      epochs_scale=epochs_scale,
-      total_steps=total_steps,
-      epochs=total_steps / steps_per_epoch,
-      warmup_steps=warmup_steps,
-      base_learning_rate=float(config.optimizer.learning_rate),
-      scaling=config.optimizer.scaling,
-      peak_learning_rate=float(config.optimizer.learning_rate) * factor,
-      schedule=config.optimizer.schedule,
-      decay_steps=decay_steps,
-      eval_steps=math.ceil(num_test_examples / eval_batch),
-  )

@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxddp.config import ConfigError
+from jaxddp.errors import ConfigError
 
 
 class DistributedError(Exception):

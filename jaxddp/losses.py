@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxddp.config import ConfigError
+from jaxddp.errors import ConfigError
 from jaxddp.registry import Registry, first_line, is_import_path, resolve_import_path
 
 LossFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]

@@ -6,19 +6,25 @@ step schedule's decay points, all counted in optimizer updates.
 
 Optimizers and schedules are registries (OPTIMIZERS, SCHEDULES): a new one is one
 decorated function here, and config validation knows its name at once.
+
+The learning rate of a step comes from one place, `LearningRate`: the schedule at the
+step's position, which is the update count, or, for data pruning whose epochs vary in
+length, a position the state gives (then the rate is injected into the optimizer's
+state by the step instead of the optimizer reading the schedule itself).
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Callable
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxddp.config import Recipe
+from jaxddp.recipe import Recipe
 from jaxddp.registry import Registry
 
 
@@ -120,15 +126,50 @@ OPTIMIZERS.register("momentum")(_sgd(momentum=True, nesterov=False))
 OPTIMIZERS.register("nesterov")(_sgd(momentum=True, nesterov=True))
 
 
-def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule, *,
-                     injected: bool = False) -> optax.GradientTransformation:
-  """The configured optimizer, with weight decay and trust ratios masked to the weights,
-  after global-norm clipping if config.optimizer.grad_clip_norm > 0.
+@dataclasses.dataclass(frozen=True)
+class LearningRate:
+  """The learning rate of every step: schedule(position), one function for the run.
 
-  injected=True: the learning rate is not the schedule of the update count but a
-  value in the optimizer state (optax.inject_hyperparams), which the training step
-  sets from the run's progress (dynamic data pruning, whose epochs vary in length).
+  position None: the position is the optimizer's update count (state.step), and the
+  optimizer reads the schedule itself. Otherwise position(state) gives it (InfoBatch:
+  the run's progress in full-epoch steps), and the rate is a hyperparameter the step
+  writes into the optimizer's state (optax.inject_hyperparams) before the update.
   """
+  schedule: optax.Schedule
+  position: Callable[[Any], jnp.ndarray] | None = None
+
+  @property
+  def injected(self) -> bool:
+    return self.position is not None
+
+  def __call__(self, state) -> jnp.ndarray:
+    """The rate of the update `state` is about to take (float32)."""
+    where = state.step if self.position is None else self.position(state)
+    return jnp.asarray(self.schedule(where), jnp.float32)
+
+  def into_optimizer(self, state, rate: jnp.ndarray):
+    """`state` with `rate` in its optimizer's hyperparameters, if injected (else as is)."""
+    if not self.injected:
+      return state
+    hyperparams = {**state.opt_state.hyperparams, "learning_rate": rate}
+    return state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
+
+
+def as_learning_rate(learning_rate: LearningRate | optax.Schedule) -> LearningRate:
+  """A LearningRate; a plain schedule is one of the update count."""
+  if isinstance(learning_rate, LearningRate):
+    return learning_rate
+  return LearningRate(learning_rate)
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     learning_rate: LearningRate | optax.Schedule
+                     ) -> optax.GradientTransformation:
+  """The configured optimizer, with weight decay and trust ratios masked to the weights,
+  after global-norm clipping if config.optimizer.grad_clip_norm > 0. Its learning rate
+  is `learning_rate`'s (a LearningRate, or a schedule of the update count).
+  """
+  learning_rate = as_learning_rate(learning_rate)
   opt = config.optimizer
   decayed = (lambda params: jax.tree.map(lambda _: True, params)) if opt.decay_norm_and_bias \
       else decay_mask
@@ -139,6 +180,6 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
       tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
     return tx
 
-  if injected:
-    return optax.inject_hyperparams(make)(learning_rate=schedule(0))
-  return make(schedule)
+  if learning_rate.injected:  # the argument's name is the hyperparameter's
+    return optax.inject_hyperparams(make)(learning_rate=learning_rate.schedule(0))
+  return make(learning_rate.schedule)

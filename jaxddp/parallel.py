@@ -18,35 +18,45 @@ of the batch), and runs train_step / eval_step on the device view.
 from __future__ import annotations
 
 import functools
+import os
+import re
 from typing import Callable
 
 import jax
 import ml_collections
+import optax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxddp import losses, steps
-from jaxddp.config import ConfigError
+from jaxddp.errors import ConfigError
 from jaxddp.losses import LossFn
+from jaxddp.optim import LearningRate, as_learning_rate
+from jaxddp.pruning.tables import ExampleTables
 from jaxddp.sparsity import Sparsity
-from jaxddp.state import TrainState
+from jaxddp.state import TrainState, local_value
+
+
+def _user_cpu_device_count() -> int:
+  """The CPU device count set before jaxddp was asked: jax_num_cpu_devices, or else
+  XLA_FLAGS' --xla_force_host_platform_device_count (0: neither is set)."""
+  flags = re.findall(r"--xla_force_host_platform_device_count=(\d+)",
+                     os.environ.get("XLA_FLAGS", ""))
+  return max(jax.config.jax_num_cpu_devices, int(flags[-1]) if flags else 0, 0)
 
 
 def set_cpu_device_count(count: int) -> None:
   """Emulates at least `count` CPU devices; effective only before JAX initialises its
-  backends. It never lowers a count set before (a later run in the same process may want
-  more; select_devices takes the first `count`), and once JAX has started it does
-  nothing: select_devices then says whether there are enough."""
-  if count > max(jax.config.jax_num_cpu_devices, 0):
+  backends. It never lowers a count set before, by an earlier run in this process or by
+  the user (jax_num_cpu_devices, or XLA_FLAGS=--xla_force_host_platform_device_count,
+  which jax_num_cpu_devices would override): select_devices takes the first `count`.
+  Once JAX has started it does nothing: select_devices then says whether there are
+  enough."""
+  if count > _user_cpu_device_count():
     try:
       jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # JAX has started its backends already
       pass
-
-
-def local_value(x) -> np.ndarray:
-  """This process's copy of a replicated array (works when other processes hold copies too)."""
-  return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
 
 
 def _replicate(x, sharding: NamedSharding) -> jax.Array:
@@ -194,16 +204,16 @@ BACKENDS = {"shard_map": ShardMapBackend, "pmap": PmapBackend}
 
 
 def create_backend(config: ml_collections.ConfigDict, devices: list[jax.Device],
-                   learning_rate_fn: Callable, sparsity: Sparsity | None = None,
-                   train_loss: LossFn = losses.cross_entropy,
+                   learning_rate: LearningRate | optax.Schedule,
+                   sparsity: Sparsity | None = None, train_loss: LossFn = losses.cross_entropy,
                    eval_loss: LossFn = losses.cross_entropy,
-                   schedule_step: Callable | None = None) -> Backend:
-  """config.parallel.backend's backend, running jaxddp.steps with the run's schedule,
-  sparsity and losses (train_loss is minimised, eval_loss reported); schedule_step:
-  see steps.train_step."""
-  train_step = functools.partial(steps.train_step, learning_rate_fn=learning_rate_fn,
+                   tables: ExampleTables = ExampleTables()) -> Backend:
+  """config.parallel.backend's backend, running jaxddp.steps with the run's learning rate
+  (a LearningRate, or a schedule of the update count), sparsity, losses (train_loss is
+  minimised, eval_loss reported) and per-example tables (data pruning)."""
+  train_step = functools.partial(steps.train_step, learning_rate=as_learning_rate(learning_rate),
                                  train_loss=train_loss, eval_loss=eval_loss,
                                  accumulation_steps=config.train.accumulation_steps,
-                                 sparsity=sparsity, schedule_step=schedule_step)
+                                 sparsity=sparsity, tables=tables)
   eval_step = functools.partial(steps.eval_step, loss_fn=eval_loss)
   return BACKENDS[config.parallel.backend](devices, train_step, eval_step)

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from jaxddp.config import ConfigError
+from jaxddp.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -30,11 +30,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxddp import checkpoint, losses, parallel, train
-from jaxddp.config import ConfigError
+from jaxddp import checkpoint, evaluate, losses, train
 from jaxddp.default_config import get_config
-from jaxddp.pruning import outputs as outputs_lib
+from jaxddp.errors import ConfigError
 from jaxddp.pruning.scores import SCORES
+from jaxddp.state import local_value
 
 
 class Scoring:
@@ -74,7 +74,7 @@ class Scoring:
       self._say(f"initialising {label}")
       state = train.setup(config, **self.given).state
       self.runs[label] = {"seed": seed, "epochs": 0}
-      return jax.tree.map(parallel.local_value, self.run.backend.global_state(state))
+      return jax.tree.map(local_value, self.run.backend.global_state(state))
     # Named by everything that makes the run (a digest of its config and of the objects
     # given), so a changed config never resumes an old run.
     workdir = os.path.join(self.workdir, "score_runs",
@@ -83,7 +83,7 @@ class Scoring:
     result = train.train_and_evaluate(config, workdir, **self.given)
     self.runs[label] = {"seed": seed, "epochs": epochs, "workdir": workdir,
                         "test_accuracy": result.eval_metrics["accuracy"]}
-    return jax.tree.map(parallel.local_value, result.state)
+    return jax.tree.map(local_value, result.state)
 
   @staticmethod
   def _say(line: str) -> None:
@@ -97,18 +97,11 @@ class Scoring:
     backend = self.run.backend
     source = checkpoint.InitSource(self.config.init_from, backend.global_state(self.run.state))
     self.runs["init_from"] = {"workdir": source.workdir, "step": source.step}
-    return jax.tree.map(parallel.local_value, source.load(backend.global_state(self.run.state)))
+    return jax.tree.map(local_value, source.load(backend.global_state(self.run.state)))
 
   def outputs(self, state, what: tuple[str, ...]) -> dict[str, np.ndarray]:
-    run = self.run
-    base = jax.tree.map(parallel.local_value, run.backend.global_state(run.state))
-    state = base.replace(params=state.params, batch_stats=state.batch_stats, masks=state.masks)
-    batches = run.dataset.eval_batches(global_batch_size=run.recipe.eval_global_batch_size,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count(), split="train")
-    return outputs_lib.per_example_outputs(
-        run.backend, run.backend.put_state(state), batches,
-        self.num_train_examples, what, loss_fn=_eval_loss(self.config),
+    return evaluate.split_outputs(
+        self.run, state, "train", what, loss_fn=_eval_loss(self.config),
         chunk_size=self.config.data_pruning.chunk_size, on_batch=_Progress(
             f"{', '.join(what)} of {self.num_train_examples} examples", self.num_train_examples))
 

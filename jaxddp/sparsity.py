@@ -45,7 +45,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from jaxddp.config import ConfigError, Recipe
+from jaxddp.errors import ConfigError
+from jaxddp.recipe import Recipe
 from jaxddp.nn import MaskedConv, MaskedDense
 from jaxddp.nn.masked import kth_largest
 from jaxddp.registry import Registry

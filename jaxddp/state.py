@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from flax.training import train_state
@@ -97,3 +98,8 @@ def checkpoint_items(state: TrainState) -> dict[str, Any]:
 
 def with_checkpoint_items(state: TrainState, items: dict[str, Any]) -> TrainState:
   return state.replace(**{name: items[name] for name in _items(state)})
+
+
+def local_value(x) -> np.ndarray:
+  """This process's copy of a replicated array (works when other processes hold copies too)."""
+  return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)

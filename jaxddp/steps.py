@@ -8,13 +8,13 @@ pmap, where each device holds a copy.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
 from jaxddp import losses
 from jaxddp.losses import LossFn
+from jaxddp.optim import LearningRate
+from jaxddp.pruning.tables import ExampleTables
 from jaxddp.sparsity import Sparsity
 from jaxddp.state import TrainState, step_rngs
 
@@ -53,59 +53,63 @@ def gather_batch(x: jnp.ndarray) -> jnp.ndarray:
   return jax.lax.psum(whole, AXIS)
 
 
-def update_example_tables(examples: dict, index: jnp.ndarray, loss: jnp.ndarray,
-                          correct: jnp.ndarray) -> dict:
-  """The per-example tables of state.examples after a step that saw the (global) examples
-  `index` with these training losses and correctness (0/1).
-
-  "loss": the latest loss of each example (InfoBatch). "correct", "forgotten",
-  "learned": the latest correctness, the number of forgetting events (correct at one
-  presentation, wrong at the next; Toneva et al. 2019) and whether ever correct.
-  """
-  examples = dict(examples)
-  if "loss" in examples:
-    examples["loss"] = examples["loss"].at[index].set(loss)
-  if "correct" in examples:
-    before = examples["correct"][index]
-    examples["forgotten"] = examples["forgotten"].at[index].add(before * (1 - correct))
-    examples["learned"] = examples["learned"].at[index].max(correct)
-    examples["correct"] = examples["correct"].at[index].set(correct)
-  return examples
-
-
-def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
+def train_step(state: TrainState, batch: dict, *, learning_rate: LearningRate,
                train_loss: LossFn = losses.cross_entropy,
                eval_loss: LossFn = losses.cross_entropy, accumulation_steps: int = 1,
                sparsity: Sparsity | None = None,
-               schedule_step: Callable[[TrainState], jnp.ndarray] | None = None
-               ) -> tuple[TrainState, dict]:
+               tables: ExampleTables = ExampleTables()) -> tuple[TrainState, dict]:
   """One optimizer update from this device's slice of the (effective) global batch.
 
-  With accumulation_steps = k the slice is split into k consecutive micro-batches,
-  run one after another (a scan: the memory of one micro-batch); their gradients
-  are averaged, so the update equals one step on the whole effective batch for a
-  model without batch-dependent layers. Batch-norm statistics update after each
-  micro-batch, as they would over k separate steps.
-
   The model minimises the mean of train_loss over the examples; the reported loss is
-  eval_loss's (they differ only with label smoothing). Its random streams (dropout,
-  ...) draw from keys of (state.rng, step, device, micro-batch): jaxddp.state.step_rngs.
+  eval_loss's (they differ only with label smoothing). The gradients, batch-norm
+  statistics and metrics come from `_gradients` (accumulation, random streams).
 
   With `sparsity`, the weight masks are first recomputed if this is one of the
   schedule's update steps (from the replicated weights: the same on every device),
   and the step's FLOPs are added to state.train_flops.
 
-  Data pruning (jaxddp.pruning) keeps per-example tables in state.examples, indexed by
-  batch["index"]: with "weight", each example's loss is multiplied by its weight;
-  "loss" and the forgetting tables are updated from the whole global batch. With
-  `schedule_step` (dynamic pruning: epochs of varying length), the learning rate is
-  learning_rate_fn(schedule_step(state)), set in the optimizer's injected hyperparameters.
+  Data pruning (jaxddp.pruning) keeps per-example `tables` in state.examples, indexed by
+  batch["index"]: each example's loss may be weighted, and the tables are updated from
+  the whole global batch. The learning rate is `learning_rate(state)` (jaxddp.optim).
   """
   if sparsity is not None:
     state = sparsity.update(state)
+  grads, batch_stats, metrics, per_example, correct = _gradients(
+      state, batch, train_loss, eval_loss, accumulation_steps, tables)
+  if state.examples:
+    state = state.replace(examples=tables.update(
+        state.examples, gather_batch(batch["index"]), gather_batch(per_example),
+        gather_batch(correct)))
+  metrics["learning_rate"] = learning_rate(state)
+  state = learning_rate.into_optimizer(state, metrics["learning_rate"])
+  if sparsity is not None:
+    metrics["flops"] = jnp.asarray(sparsity.train_step_flops(state.masks), jnp.float32)
+    state = state.add_flops(metrics["flops"])
+    metrics["train_flops_high"], metrics["train_flops_low"] = state.train_flops
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  # A finite loss can still be followed by an overflowing update, or by running
+  # statistics that overflow (a variance of activations near 1e19): check the result too.
+  finite = [jnp.all(jnp.isfinite(p))
+            for p in jax.tree.leaves((state.params, state.batch_stats))]
+  metrics["params_finite"] = jnp.all(jnp.stack(finite)).astype(jnp.float32)
+  return state, metrics
+
+
+def _gradients(state: TrainState, batch: dict, train_loss: LossFn, eval_loss: LossFn,
+               accumulation_steps: int, tables: ExampleTables):
+  """(gradients, batch statistics, metric sums, per-example losses, correctness) of this
+  device's slice, the first three averaged or summed over the devices.
+
+  With accumulation_steps = k the slice is split into k consecutive micro-batches,
+  run one after another (a scan: the memory of one micro-batch); their gradients
+  are averaged, so the update equals one step on the whole effective batch for a
+  model without batch-dependent layers. Batch-norm statistics update after each
+  micro-batch, as they would over k separate steps. The model's random streams
+  (dropout, ...) draw from keys of (state.rng, step, device, micro-batch):
+  jaxddp.state.step_rngs.
+  """
   params = per_device(state.params)
   device = jax.lax.axis_index(AXIS)
-  examples = state.examples
 
   def loss_fn(params, batch_stats, micro_batch, micro_index):
     variables = {**state.variables(params), "batch_stats": batch_stats}
@@ -113,9 +117,8 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
                                      mutable=["batch_stats"],
                                      rngs=step_rngs(state.rng, state.step, device, micro_index))
     per_example = train_loss(logits, micro_batch["y"])
-    weighted = per_example
-    if "weight" in examples:
-      weighted = per_example * examples["weight"][micro_batch["index"]]
+    weights = tables.weights(state.examples, micro_batch["index"]) if state.examples else None
+    weighted = per_example if weights is None else per_example * weights
     return weighted.mean(), (logits, updates["batch_stats"], per_example)
 
   def micro_step(carry, micro):
@@ -146,26 +149,8 @@ def train_step(state: TrainState, batch: dict, *, learning_rate_fn,
   # One shared running average. Synchronised batch norm already computed the same
   # statistics on every device; per-device batch norm did not, and is averaged here.
   batch_stats = jax.lax.pmean(batch_stats, AXIS)
-  metrics = jax.lax.psum(sums, AXIS)
-  if examples:
-    state = state.replace(examples=update_example_tables(
-        examples, gather_batch(batch["index"]), gather_batch(per_example.reshape(-1)),
-        gather_batch(correct.reshape(-1))))
-  if schedule_step is None:
-    metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
-  else:
-    metrics["learning_rate"] = jnp.asarray(learning_rate_fn(schedule_step(state)), jnp.float32)
-    hyperparams = {**state.opt_state.hyperparams, "learning_rate": metrics["learning_rate"]}
-    state = state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
-  if sparsity is not None:
-    metrics["flops"] = jnp.asarray(sparsity.train_step_flops(state.masks), jnp.float32)
-    state = state.add_flops(metrics["flops"])
-    metrics["train_flops_high"], metrics["train_flops_low"] = state.train_flops
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  # A finite loss can still be followed by an overflowing update: check the result too.
-  finite = [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(state.params)]
-  metrics["params_finite"] = jnp.all(jnp.stack(finite)).astype(jnp.float32)
-  return state, metrics
+  return (grads, batch_stats, jax.lax.psum(sums, AXIS), per_example.reshape(-1),
+          correct.reshape(-1))
 
 
 def eval_step(state: TrainState, batch: dict, *,

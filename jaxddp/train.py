@@ -2,13 +2,15 @@
 
 1. Set up (`setup`, which scripts/benchmark.py shares): check the config, find the
    devices, load the data, resolve the recipe, build the model, loss, sparsity
-   schedule, optimizer, backend and state. Every user error surfaces here, before
-   anything compiles or is written.
+   schedule, data pruning, learning rate, optimizer, backend and state. Every user
+   error surfaces here, before anything compiles or is written.
 2. Start: resume from the workdir's latest checkpoint; or, in a new workdir, start
    from another run's weights (config.init_from) or from the initialisation.
-3. Train: dispatch the steps (a bounded number in flight), and on schedule log,
-   evaluate (with the sparsity and FLOPs report) and checkpoint; stop cleanly on
-   SIGTERM, loudly on a non-finite loss.
+3. Train (`TrainingLoop`): part by part as data pruning plans them (one part without
+   it, one per epoch under InfoBatch), dispatch the steps (a bounded number in
+   flight), and after each step run the periodic actions: log, evaluate (with the
+   sparsity and FLOPs report), checkpoint; stop cleanly on SIGTERM, loudly on a
+   non-finite loss.
 4. Evaluate on the whole test split and report (a sparse run prints a table).
 """
 
@@ -28,12 +30,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxddp import checkpoint, data, distributed, losses, models, optim, parallel, sparsity
-from jaxddp import pruning
+from jaxddp import checkpoint, data, distributed, losses, models, optim, parallel, pruning
+from jaxddp import sparsity
 from jaxddp import config as config_lib
 from jaxddp.checkpoint import Checkpointer, StopSignal
+from jaxddp.errors import ConfigError
+from jaxddp.evaluate import evaluate
 from jaxddp.metrics import MetricWriter, Progress, SumCounter, format_recipe
-from jaxddp.state import TrainState, create_train_state, total_flops
+from jaxddp.recipe import Recipe, resolve
+from jaxddp.state import TrainState, create_train_state, local_value, total_flops
 
 
 class TrainingInterrupted(Exception):
@@ -50,7 +55,7 @@ class NonFiniteLossError(Exception):
 
   `recipe` is the run's resolved recipe (set on the way out of train_and_evaluate).
   """
-  recipe: "config_lib.Recipe | None" = None
+  recipe: Recipe | None = None
 
 
 @dataclasses.dataclass
@@ -61,7 +66,7 @@ class TrainResult:
   eval_metrics: dict[str, float]  # {"loss": ..., "accuracy": ...} on the whole test split
   train_metrics: dict[str, float]  # the last logging window: {"train/loss": ..., ...}
   report: dict[str, float]  # the final report: FLOPs, sparsity, data pruning ("flops/...")
-  recipe: config_lib.Recipe  # the resolved recipe, as saved in config.json
+  recipe: Recipe  # the resolved recipe, as saved in config.json
   last_step: int  # steps trained (InfoBatch: fewer than recipe.total_steps)
   seconds: float  # wall-clock time of the training loop and final evaluation
 
@@ -72,50 +77,18 @@ class Setup:
   config: ml_collections.ConfigDict
   devices: list[jax.Device]
   dataset: data.Dataset
-  recipe: config_lib.Recipe
+  recipe: Recipe
   model: nn.Module
   backend: parallel.Backend
   sparsity: sparsity.Sparsity  # masks' schedule (method none: dense) and the FLOPs count
+  data_pruning: pruning.DataPruning  # none, a static subset, or InfoBatch's epochs
   state: TrainState  # freshly initialised, placed on the devices
   given: dict[str, str]  # what was passed as an object instead of named in the config
-  kept: np.ndarray | None = None  # a static subset's examples (data pruning); None: all
-  infobatch: pruning.InfoBatchEpochs | None = None  # dynamic data pruning's epochs
 
-  def train_batches(self, start_step: int):
-    """This process's part of the training batch of each step from start_step on."""
-    kwargs = {} if self.kept is None else {"examples": self.kept}
-    return self.dataset.train_batches(
-        global_batch_size=self.recipe.effective_batch_size, seed=self.config.seed,
-        start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count(), **kwargs)
-
-  def training_steps(self, start_step: int, read_tables: Callable[[], dict],
-                     write_tables: Callable[[dict], None]) -> "Steps":
-    """(step, batch on the devices) for every step from start_step to the end. InfoBatch
-    plans each epoch as it starts, from the per-example tables read_tables returns (after
-    every step dispatched has finished), and hands its plan to write_tables."""
-    if self.infobatch is not None:
-      infobatch = self.infobatch
-      return Steps(infobatch.steps(start_step, read_tables, write_tables,
-                                   self.backend.put_batches), lambda: infobatch.last_step)
-    batches = data.prefetch_to_device(self.train_batches(start_step), self.backend.put_batches)
-    return Steps(zip(range(start_step, self.recipe.total_steps), batches),
-                 lambda: self.recipe.total_steps)
-
-
-@dataclasses.dataclass
-class Steps:
-  """A run's (step, batch) pairs, and its last step, once known (InfoBatch knows it when
-  its last epoch starts)."""
-  pairs: Iterator[tuple[int, Any]]
-  _last_step: Callable[[], int | None]
-
-  def __iter__(self):
-    return iter(self.pairs)
-
-  @property
-  def last_step(self) -> int | None:
-    return self._last_step()
+  def train_batches(self, start_step: int) -> Iterator[dict]:
+    """This process's part of the training batch of each step from start_step on (of
+    the kept examples, for a static subset)."""
+    return self.data_pruning.train_batches(start_step)
 
 
 def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
@@ -138,40 +111,39 @@ def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
     data.check_dataset(dataset, "train_and_evaluate(dataset=...)")
   pruning.check_dataset(config, dataset)
   kept = pruning.kept_examples(config, dataset)  # a static subset (data pruning) or None
-  recipe = config_lib.resolve(config, num_train_examples=dataset.num_train_examples if kept is
-                              None else len(kept), num_test_examples=dataset.num_test_examples,
-                              num_devices=len(devices), num_processes=jax.process_count())
-  pruning.check_recipe(config, recipe)
-  recipe = dataclasses.replace(recipe, data_pruning=pruning.describe(
-      config, dataset.num_train_examples, kept, recipe))
-  if model is None:
-    model = models.create_model(config, dataset.num_classes)
-  elif isinstance(model, type) and issubclass(model, nn.Module):
-    raise config_lib.ConfigError(f"train_and_evaluate(model=...) got the class {model.__name__}; "
-                                 f"pass an instance, e.g. model={model.__name__}(num_classes="
-                                 f"{dataset.num_classes})")
-  elif not isinstance(model, nn.Module):
-    raise config_lib.ConfigError(f"train_and_evaluate(model=...) got an object of type "
-                                 f"{type(model).__name__}, not a Flax module (nn.Module)")
-  models.check_model(model, dataset.input_shape, dataset.num_classes)
+  recipe = resolve(config, num_train_examples=dataset.num_train_examples if kept is None else
+                   len(kept), num_test_examples=dataset.num_test_examples,
+                   num_devices=len(devices), num_processes=jax.process_count())
+  data_pruning = pruning.create(config, dataset, recipe, kept)
+  recipe = dataclasses.replace(recipe, data_pruning=data_pruning.description)
+  model = _model(config, model, dataset)
   train_loss, eval_loss = losses.get(config, loss_fn)
   losses.check(eval_loss, dataset.num_classes)
   sparse = sparsity.create(config, recipe, model, dataset.input_shape)
-  schedule = optim.learning_rate_schedule(config, recipe)
-  dynamic = pruning.is_dynamic(config)
-  # Dynamic pruning's epochs vary in length: the step sets the learning rate from the
-  # run's progress in epochs (pruning.schedule_step), injected into the optimizer.
-  tx = optim.create_optimizer(config, schedule, injected=dynamic)
-  backend = parallel.create_backend(config, devices, schedule, sparse, train_loss, eval_loss,
-                                    schedule_step=pruning.schedule_step(recipe) if dynamic
-                                    else None)
+  learning_rate = optim.LearningRate(optim.learning_rate_schedule(config, recipe),
+                                     data_pruning.schedule_position)
+  tx = optim.create_optimizer(config, learning_rate)
+  backend = parallel.create_backend(config, devices, learning_rate, sparse, train_loss, eval_loss,
+                                    data_pruning.tables)
   state = sparse.initialize(create_train_state(model, tx, dataset.input_shape, config.seed))
-  state = state.replace(examples=pruning.initial_tables(
-      config, dataset.num_train_examples, dataset.num_classes, recipe))
-  infobatch = pruning.InfoBatchEpochs(config, dataset, recipe, jax.process_index(),
-                                      jax.process_count()) if dynamic else None
-  return Setup(config, devices, dataset, recipe, model, backend, sparse,
-               backend.put_state(state), given, kept, infobatch)
+  state = state.replace(examples=data_pruning.initial_tables())
+  return Setup(config, devices, dataset, recipe, model, backend, sparse, data_pruning,
+               backend.put_state(state), given)
+
+
+def _model(config: ml_collections.ConfigDict, model: nn.Module | None,
+           dataset: data.Dataset) -> nn.Module:
+  """The model config.model.name names, or the one given, checked against the data."""
+  if model is None:
+    model = models.create_model(config, dataset.num_classes)
+  elif isinstance(model, type) and issubclass(model, nn.Module):
+    raise ConfigError(f"train_and_evaluate(model=...) got the class {model.__name__}; pass an "
+                      f"instance, e.g. model={model.__name__}(num_classes={dataset.num_classes})")
+  elif not isinstance(model, nn.Module):
+    raise ConfigError(f"train_and_evaluate(model=...) got an object of type "
+                      f"{type(model).__name__}, not a Flax module (nn.Module)")
+  models.check_model(model, dataset.input_shape, dataset.num_classes)
+  return model
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -186,138 +158,171 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   # --- 1. Set up: every user error surfaces here, before anything compiles or is written.
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise config_lib.ConfigError(f"--workdir={workdir} is a file; give a directory")
+    raise ConfigError(f"--workdir={workdir} is a file; give a directory")
   run = setup(config, model=model, dataset=dataset, loss_fn=loss_fn)
-  recipe, backend, state = run.recipe, run.backend, run.state
+  backend, state = run.backend, run.state
   resuming = checkpoint.has_checkpoint(workdir)
   source = None
   if config.init_from.workdir and not resuming:
     source = checkpoint.InitSource(config.init_from, backend.global_state(state))
 
   # --- 2. Start: resume, or start from another run's weights, or from the initialisation.
-  is_main_process = jax.process_index() == 0
   checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)  # creates the workdir
   if resuming:
     state = backend.put_state(checkpointer.restore_latest(backend.global_state(state)))
   elif source:
     # The sparsity method then applies to the loaded weights (random masks prune them).
     state = backend.put_state(run.sparsity.initialize(source.load(backend.global_state(state))))
-  start_step = int(parallel.local_value(backend.global_state(state).step))
-  progress = Progress(recipe.total_steps, start_step, enabled=is_main_process)
-  if is_main_process:
-    changes = config_changes(workdir, config, run.given)
-    _save_config(workdir, config, recipe, run.given)
-    progress.print(f"jaxddp: {backend.name} on {recipe.num_devices} {run.devices[0].platform} "
-                   f"device(s), {recipe.num_processes} process(es)\nresolved recipe:\n"
-                   f"{format_recipe(recipe.to_dict())}")
-    for line in changes:
-      progress.print(line)
-    if start_step:
-      progress.print(f"resuming from the checkpoint at step {start_step}")
-    elif source:
-      progress.print(f"initialised from {source.describe()}")
-  writer = MetricWriter(workdir, enabled=is_main_process)
+  start_step = int(local_value(backend.global_state(state).step))
+  progress = Progress(run.recipe.total_steps, start_step, enabled=jax.process_index() == 0)
+  if jax.process_index() == 0:
+    _announce(run, workdir, progress, start_step, source)
 
-  # --- 3. Train. ---
-  window = LogWindow()
-  watchdog = distributed.Watchdog(
-      config.distributed.hang_timeout,
-      f"no step, evaluation or checkpoint finished for {config.distributed.hang_timeout} s "
-      "(config.distributed.hang_timeout): another process may have died or hung",
-      distributed.process_label())
-  in_flight = StepsInFlight(config.parallel.max_steps_in_flight, window.add, watchdog.pet,
-                            checkpointer.directory)
-  log_due = Every(config.train.log_every)
-  eval_due = Every(config.train.eval_every, at_end=False)  # the end: step 4
-  checkpoint_due = Every(config.train.checkpoint_every)
-
-  def save_checkpoint(done: int) -> None:
-    in_flight.drain()  # a checkpoint holds only steps already checked
-    checkpointer.save(done, backend.global_state(state))
-    watchdog.pet()
-
-  def read_tables() -> dict:  # data pruning's per-example tables, once every step finished
-    in_flight.drain()
-    return jax.tree.map(parallel.local_value, backend.global_state(state).examples)
-
-  def write_tables(tables: dict) -> None:
-    nonlocal state
-    state = state.replace(examples=backend.put_state(tables))
-
-  steps = run.training_steps(start_step, read_tables, write_tables)
-  train_metrics: dict[str, float] = {}
+  # --- 3. Train, and 4. evaluate on every test example.
+  loop = TrainingLoop(run, state, checkpointer, progress,
+                      MetricWriter(workdir, enabled=jax.process_index() == 0))
   try:
-    with StopSignal() as stop, watchdog:
-      for step, batch in window.timed(steps):
-        state, metrics = backend.train_step(state, batch)
-        in_flight.add(step, metrics)
-        done = step + 1  # steps completed once this one finishes
-        last = done == steps.last_step
-
-        if log_due(done, last):
-          in_flight.drain()
-          scalars = window.flush()
-          if run.infobatch:
-            scalars.update(run.infobatch.progress(done))
-          writer.write(done, scalars)
-          progress.update(done, scalars)
-          train_metrics = scalars
-        if eval_due(done, last):
-          scalars = evaluate(backend, state, run.dataset, recipe)
-          writer.write(done, {**{f"eval/{k}": v for k, v in scalars.items()},
-                              **sparsity_report(run.sparsity, backend, state, done)})
-          watchdog.pet()
-        if checkpoint_due(done, last):
-          save_checkpoint(done)
-        if _stop_requested(stop, done, config.train.log_every):
-          save_checkpoint(done)
-          raise TrainingInterrupted(stop.name or "a signal to another process",
-                                    stop.received or signal.SIGTERM, done)
-      in_flight.drain()
-      last_step = steps.last_step
-
-      # --- 4. Final evaluation on every test example. ---
-      final = evaluate(backend, state, run.dataset, recipe)
-    report = sparsity_report(run.sparsity, backend, state, last_step)
-    if run.infobatch:
-      report.update(run.infobatch.progress(last_step))
-      report["flops/saved_fraction"] = 1 - report["flops/train_total"] / (
-          recipe.total_steps * report["flops/train_step_dense"])
-    writer.write(last_step, {**{f"eval/{k}": v for k, v in final.items()}, **report})
+    return loop.train(start_step)
   except NonFiniteLossError as error:
-    error.recipe = recipe
+    error.recipe = run.recipe
     raise
-  finally:
-    progress.close()
-    writer.close()
-    checkpointer.close()
-  run_time = time.time() - window.started
-  if run.sparsity.spec.masked:
-    progress.print(run.sparsity.format_table(report, report["flops/train_total"],
-                                             report["flops/train_total_dense"]))
-  if run.infobatch:
-    progress.print(f"infobatch: {report['data/examples_seen']:.0f} examples seen in "
-                   f"{last_step} steps, {report['data/fraction_skipped']:.1%} of a full-data "
-                   f"run's skipped ({recipe.total_steps} steps); training FLOPs saved "
-                   f"{report['flops/saved_fraction']:.1%}")
-  progress.print(f"final test accuracy {final['accuracy']:.2%} (loss {final['loss']:.4f}) "
-                 f"after {last_step} steps, {run_time:.1f}s of training")
-  return TrainResult(state=backend.global_state(state), eval_metrics=final,
-                     train_metrics=train_metrics, report=report, recipe=recipe,
-                     last_step=last_step, seconds=run_time)
+
+
+def _announce(run: Setup, workdir: str, progress: Progress, start_step: int,
+              source: checkpoint.InitSource | None) -> None:
+  """Saves config.json and prints the recipe, what changed since the workdir's last run,
+  and where training starts from."""
+  changes = config_changes(workdir, run.config, run.given)
+  _save_config(workdir, run.config, run.recipe, run.given)
+  progress.print(f"jaxddp: {run.backend.name} on {run.recipe.num_devices} "
+                 f"{run.devices[0].platform} device(s), {run.recipe.num_processes} "
+                 f"process(es)\nresolved recipe:\n{format_recipe(run.recipe.to_dict())}")
+  for line in changes:
+    progress.print(line)
+  if start_step:
+    progress.print(f"resuming from the checkpoint at step {start_step}")
+  elif source:
+    progress.print(f"initialised from {source.describe()}")
 
 
 @dataclasses.dataclass(frozen=True)
-class Every:
-  """Whether an action is due after `done` steps: every `period` steps (0: never); after
-  the run's last step, if and only if `at_end`."""
+class Periodic:
+  """An action due after every `period` steps (0: never) and, if `at_end`, after the
+  run's last step (clu's periodic actions are the model)."""
   period: int
+  action: Callable[[int], None]
   at_end: bool = True
 
-  def __call__(self, done: int, last: bool) -> bool:
+  def due(self, done: int, last: bool) -> bool:
     if last:
       return self.at_end
     return bool(self.period) and done % self.period == 0
+
+
+class TrainingLoop:
+  """Step 3 and 4 of a run: the steps, part by part, with the periodic actions after each
+  (log, evaluate, checkpoint); then the final evaluation and report.
+
+  It owns the training state from the start step to the result: every action reads
+  self.state, and only the steps and data pruning's plans replace it.
+  """
+
+  def __init__(self, run: Setup, state: TrainState, checkpointer: Checkpointer,
+               progress: Progress, writer: MetricWriter):
+    self.run, self.state, self.checkpointer = run, state, checkpointer
+    self.progress, self.writer = progress, writer
+    config = run.config
+    self.window = LogWindow()
+    self.watchdog = distributed.Watchdog(
+        config.distributed.hang_timeout,
+        f"no step, evaluation or checkpoint finished for {config.distributed.hang_timeout} s "
+        "(config.distributed.hang_timeout): another process may have died or hung",
+        distributed.process_label())
+    self.in_flight = StepsInFlight(config.parallel.max_steps_in_flight, self.window.add,
+                                   self.watchdog.pet, checkpointer.directory)
+    self.actions = (Periodic(config.train.log_every, self.log),
+                    Periodic(config.train.eval_every, self.evaluate, at_end=False),  # step 4
+                    Periodic(config.train.checkpoint_every, self.checkpoint))
+    self.train_metrics: dict[str, float] = {}  # the latest logging window's
+
+  def train(self, start_step: int) -> TrainResult:
+    run, step = self.run, start_step
+    try:
+      with StopSignal() as stop, self.watchdog:
+        while True:
+          self.in_flight.drain()  # data pruning plans from the finished steps' tables
+          self.state, part = run.data_pruning.plan(self.state, step, run.backend)
+          if part is None:
+            break
+          step = self._run_part(part, stop)
+        eval_metrics = evaluate(run.backend, self.state, run.dataset, run.recipe)
+      report = self._report(step)
+      self.writer.write(step, {**{f"eval/{k}": v for k, v in eval_metrics.items()}, **report})
+    finally:
+      self.progress.close()
+      self.writer.close()
+      self.checkpointer.close()
+    seconds = time.time() - self.window.started
+    self._summarise(step, report, eval_metrics, seconds)
+    return TrainResult(state=run.backend.global_state(self.state), eval_metrics=eval_metrics,
+                       train_metrics=self.train_metrics, report=report, recipe=run.recipe,
+                       last_step=step, seconds=seconds)
+
+  def _run_part(self, part: pruning.Part, stop: StopSignal) -> int:
+    """Trains the steps of `part`; returns the steps done after it."""
+    batches = data.prefetch_to_device(part.batches, self.run.backend.put_batches)
+    done = part.start
+    for step, batch in self.window.timed(zip(range(part.start, part.end), batches)):
+      self.state, metrics = self.run.backend.train_step(self.state, batch)
+      self.in_flight.add(step, metrics)
+      done = step + 1
+      last = part.last and done == part.end
+      for action in self.actions:
+        if action.due(done, last):
+          action.action(done)
+      if _stop_requested(stop, done, self.run.config.train.log_every):
+        self.checkpoint(done)
+        raise TrainingInterrupted(stop.name or "a signal to another process",
+                                  stop.received or signal.SIGTERM, done)
+    return done
+
+  def log(self, done: int) -> None:
+    self.in_flight.drain()
+    scalars = {**self.window.flush(), **self.run.data_pruning.progress(done)}
+    self.writer.write(done, scalars)
+    self.progress.update(done, scalars)
+    self.train_metrics = scalars
+
+  def evaluate(self, done: int) -> None:
+    run = self.run
+    scalars = evaluate(run.backend, self.state, run.dataset, run.recipe)
+    self.writer.write(done, {**{f"eval/{k}": v for k, v in scalars.items()},
+                             **sparsity_report(run.sparsity, run.backend, self.state, done)})
+    self.watchdog.pet()
+
+  def checkpoint(self, done: int) -> None:
+    self.in_flight.drain()  # a checkpoint holds only steps already checked
+    self.checkpointer.save(done, self.run.backend.global_state(self.state))
+    self.watchdog.pet()
+
+  def _report(self, last_step: int) -> dict[str, float]:
+    """The final report: sparsity and FLOPs, and data pruning's entries."""
+    report = sparsity_report(self.run.sparsity, self.run.backend, self.state, last_step)
+    report.update(self.run.data_pruning.report(last_step, report))
+    return report
+
+  def _summarise(self, last_step: int, report: dict[str, float], final: dict[str, float],
+                 seconds: float) -> None:
+    run = self.run
+    if run.sparsity.spec.masked:
+      self.progress.print(run.sparsity.format_table(report, report["flops/train_total"],
+                                                    report["flops/train_total_dense"]))
+    line = run.data_pruning.summary(last_step, report)
+    if line:
+      self.progress.print(line)
+    self.progress.print(f"final test accuracy {final['accuracy']:.2%} (loss "
+                        f"{final['loss']:.4f}) after {last_step} steps, {seconds:.1f}s of "
+                        "training")
 
 
 class StepsInFlight:
@@ -355,7 +360,8 @@ class StepsInFlight:
     for (step, _), metrics in zip(finished, parallel.metrics_to_host([m for _, m in finished])):
       if not math.isfinite(metrics["loss_sum"]) or metrics["params_finite"] != 1.0:
         what = (f"the training loss is {metrics['loss_sum'] / metrics['count']}"
-                if not math.isfinite(metrics["loss_sum"]) else "the parameters became NaN or Inf")
+                if not math.isfinite(metrics["loss_sum"]) else
+                "the parameters or batch-norm statistics became NaN or Inf")
         raise NonFiniteLossError(
             f"{what} at step {step + 1}; stopping (the last good checkpoint in "
             f"{self.checkpoint_directory} is kept; try a lower config.optimizer.learning_rate)")
@@ -406,25 +412,13 @@ class LogWindow:
     return scalars
 
 
-def evaluate(backend: parallel.Backend, state: TrainState, dataset: data.Dataset,
-             recipe: config_lib.Recipe) -> dict[str, float]:
-  """Loss and accuracy over every test example exactly once (padded, masked batches)."""
-  batches = dataset.eval_batches(global_batch_size=recipe.eval_global_batch_size,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-  counter = SumCounter()
-  for batch in batches:  # one batch at a time: unbounded dispatch can deadlock CPU collectives
-    counter.add(parallel.metrics_to_host([backend.eval_step(state, backend.put_batch(batch))])[0])
-  return counter.averages()
-
-
 def sparsity_report(sparse: sparsity.Sparsity, backend: parallel.Backend, state: TrainState,
                     step: int) -> dict[str, float]:
   """Weight sparsity per layer and in total, and FLOPs (per example, per step, in total)."""
   state = backend.global_state(state)
-  masks = jax.tree.map(parallel.local_value, state.masks)
+  masks = jax.tree.map(local_value, state.masks)
   scalars = sparse.report(masks)
-  scalars["flops/train_total"] = total_flops(parallel.local_value(state.train_flops))
+  scalars["flops/train_total"] = total_flops(local_value(state.train_flops))
   scalars["flops/train_total_dense"] = step * scalars["flops/train_step_dense"]
   return scalars
 
@@ -478,7 +472,7 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict,
           if name not in before or name not in now or before[name] != now[name]]
 
 
-def _save_config(workdir: str, config: ml_collections.ConfigDict, recipe: config_lib.Recipe,
+def _save_config(workdir: str, config: ml_collections.ConfigDict, recipe: Recipe,
                  given: dict[str, str]) -> None:
   """Writes workdir/config.json atomically: the config, what was passed to
   train_and_evaluate as objects instead of named in it, and the resolved recipe."""

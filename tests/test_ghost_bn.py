@@ -20,6 +20,7 @@ import pytest
 
 from jaxddp import config as config_lib
 from jaxddp import steps, train
+from jaxddp.optim import LearningRate
 from jaxddp.nn import GhostBatchNorm
 from jaxddp.state import TrainState
 
@@ -224,7 +225,7 @@ def test_accumulation_updates_running_statistics_micro_batch_by_micro_batch():
   state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                             batch_stats=variables["batch_stats"], tx=optax.sgd(0.1),
                             rng=jax.random.key_data(jax.random.key(0)))
-  step = jax.pmap(functools.partial(steps.train_step, learning_rate_fn=lambda s: 0.1,
+  step = jax.pmap(functools.partial(steps.train_step, learning_rate=LearningRate(lambda s: 0.1),
                                     accumulation_steps=accumulation),
                   axis_name=steps.AXIS, devices=devices)
   replicate = lambda t: jax.tree.map(lambda a: np.stack([a] * len(devices)), t)

@@ -8,9 +8,11 @@ same on 1 device, 8 devices and 2 processes x 2 devices; a subset run never sees
 an example outside its subset.
 """
 
+import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +20,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, make_tiny_config
-from jaxddp import parallel, steps, train
-from jaxddp.config import ConfigError
+from jaxddp import evaluate, parallel, pruning, steps, train
+from jaxddp.config import ConfigError, resolve
 from jaxddp.data import ArrayDataset
-from jaxddp.pruning import outputs, scores, select
+from jaxddp.pruning import ExampleTables, scores, select
 
 LAUNCHER = os.path.join(REPO, "scripts", "launch_local.py")
 
@@ -109,6 +111,26 @@ def test_infobatch_skips_the_ratio_of_low_loss_examples_and_rescales_the_rest(ra
   assert w[low].sum() == pytest.approx(kept_low / (1 - ratio), rel=1e-6)
 
 
+def test_infobatch_anneals_at_the_rounded_fraction_of_the_epochs():
+  """anneal_fraction=0.55 over 100 epochs anneals from epoch 55: ceil(0.55 * 100) alone
+  is ceil(55.00000000000001) = 56. Every fraction k/1000 over 1..300 epochs agrees with
+  exact arithmetic (13 fractions did not before the rounding)."""
+  config = make_tiny_config()
+  config.train.num_steps, config.train.num_epochs = 0, 100
+  config.train.batch_size = 8
+  config.data_pruning.dynamic, config.data_pruning.anneal_fraction = "infobatch", 0.55
+  dataset = _arrays(n_train=16)
+  recipe = resolve(config, num_train_examples=16, num_test_examples=50, num_devices=1)
+  infobatch = pruning.create(config, dataset, recipe, None)
+  assert infobatch.anneal_epoch == 55
+  assert "prunes in the first 55 of 100 epochs" in infobatch.description
+  assert (infobatch.weights(54, np.arange(16.0)) == 0).any()  # still pruning
+  assert (infobatch.weights(55, np.arange(16.0)) == 1).all()  # all the data from epoch 55
+  wrong = [(k, epochs) for k in range(1, 1000) for epochs in range(1, 301)
+           if pruning.anneal_epoch(k / 1000, epochs) != math.ceil(Fraction(k, 1000) * epochs)]
+  assert not wrong, wrong[:5]
+
+
 def test_forgetting_counts_follow_a_hand_made_sequence():
   # Examples 0..3 over five presentations (1 = classified correctly).
   sequence = np.array([[0, 1, 1, 0],
@@ -120,8 +142,8 @@ def test_forgetting_counts_follow_a_hand_made_sequence():
   tables = {name: jnp.zeros(4) for name in ("correct", "forgotten", "learned")}
   for step, row in enumerate(sequence):
     order = np.roll(np.arange(4), step)  # presented in another order every time
-    tables = steps.update_example_tables(tables, jnp.asarray(order), jnp.zeros(4),
-                                         jnp.asarray(row[order]))
+    tables = ExampleTables(forgetting=True).update(tables, jnp.asarray(order), jnp.zeros(4),
+                                                   jnp.asarray(row[order]))
   np.testing.assert_array_equal(tables["forgotten"], expected_forgotten)
   np.testing.assert_array_equal(tables["learned"], [1, 1, 1, 0])
   # Never learned ranks hardest: above the largest count.
@@ -188,7 +210,7 @@ def linear_run(request):
 def _outputs(run, state, dataset, what, chunk_size=5):
   batches = dataset.eval_batches(global_batch_size=run.recipe.eval_global_batch_size,
                                  split="train")
-  return outputs.per_example_outputs(run.backend, state, batches, dataset.num_train_examples,
+  return evaluate.per_example_outputs(run.backend, state, batches, dataset.num_train_examples,
                                      what, chunk_size=chunk_size)
 
 
@@ -233,9 +255,9 @@ def test_outputs_refuse_batches_that_miss_or_repeat_examples(linear_run):
   run, state, dataset, _ = linear_run
   batches = list(dataset.eval_batches(global_batch_size=24, split="train"))
   with pytest.raises(ValueError, match="1[0-9]* never appeared"):
-    outputs.per_example_outputs(run.backend, state, batches[:-1], dataset.num_train_examples)
+    evaluate.per_example_outputs(run.backend, state, batches[:-1], dataset.num_train_examples)
   with pytest.raises(ValueError, match="appeared more than once"):
-    outputs.per_example_outputs(run.backend, state, batches + batches[:1],
+    evaluate.per_example_outputs(run.backend, state, batches + batches[:1],
                                 dataset.num_train_examples)
 
 

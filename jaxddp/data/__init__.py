@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Protocol
 import ml_collections
 import numpy as np
 
-from jaxddp.config import ConfigError
+from jaxddp.errors import ConfigError
 from jaxddp.data import embedded
 from jaxddp.data.arrays import ArrayDataset, load_npz
 from jaxddp.data.batches import Batch, TrainBatches, eval_batches

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from jaxddp.config import ConfigError
+from jaxddp.errors import ConfigError
 from jaxddp.data.batches import Batch, TrainBatches, eval_batches
 from jaxddp.registry import first_line
 

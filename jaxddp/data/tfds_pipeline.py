@@ -27,7 +27,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
-from jaxddp.config import ConfigError
+from jaxddp.errors import ConfigError
 
 # TensorFlow's start-up messages. TF 2.21 logs "oneDNN custom operations are on" (and
 # absl's "All log messages before absl::InitializeLog()") whatever the log level,

@@ -1,7 +1,8 @@
 """Models by name: config.model.name -> a Flax module called as model(x, train=...).
 
 The MODELS registry holds a factory `(config, num_classes) -> nn.Module` per name.
-The built-in models register themselves the way a user's model does:
+This index imports the built-in models (cnn, resnet, vit) and registers their factories
+the way a user registers a model; they never import it:
 
     import jaxddp
 
@@ -23,7 +24,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxddp.config import ConfigError
+from jaxddp.errors import ConfigError
+from jaxddp.models import cnn, resnet, vit
+from jaxddp.models.layers import (BN_VARIANCES, NORMS, Layers, compute_dtype,  # noqa: F401
+                                  layers, norm_layer)
 from jaxddp.registry import (Registry, check_signature, first_line, is_import_path,
                              resolve_import_path)
 
@@ -34,6 +38,13 @@ MODELS: Registry[ModelFactory] = Registry("model", "model.name")
 def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
   """Registers a factory `(config, num_classes) -> nn.Module` as config.model.name=`name`."""
   return MODELS.register(name)
+
+
+MODELS.register("cnn")(cnn.cnn)
+for _name in resnet.VARIANTS:
+  MODELS.register(_name)(resnet.factory(_name))
+for _name in vit.VARIANTS:
+  MODELS.register(_name)(vit.factory(_name))
 
 
 def _from_import_path(path: str) -> ModelFactory:
@@ -97,9 +108,3 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], num_classes: int
     shape = getattr(logits, "shape", type(logits).__name__)
     raise ConfigError(f"the model {what} returns {shape} for a batch of 2 examples; it must "
                       f"return logits of shape (batch, num_classes) = (2, {num_classes})")
-
-
-# The built-in models register themselves on import (after `register` exists).
-from jaxddp.models import cnn, resnet, vit  # noqa: E402,F401
-from jaxddp.models.layers import (BN_VARIANCES, NORMS, Layers, compute_dtype, layers,  # noqa: E402,F401
-                                  norm_layer)

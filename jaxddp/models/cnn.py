@@ -8,7 +8,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from jaxddp import models
 from jaxddp.models.layers import Layers, ModuleDef, compute_dtype, layers, norm_layer
 
 
@@ -45,7 +44,7 @@ class CNN(nn.Module):
     return self.layers.last(self.num_classes, name="head")(x).astype(jnp.float32)
 
 
-@models.register("cnn")
 def cnn(config: ml_collections.ConfigDict, num_classes: int) -> CNN:
+  """config.model.name=cnn (registered by jaxddp.models)."""
   return CNN(num_classes=num_classes, norm=norm_layer(config), width=config.model.width,
              layers=layers(config), dtype=compute_dtype(config))

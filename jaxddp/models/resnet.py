@@ -3,13 +3,12 @@ config.model.name = resnet18, resnet34, resnet50, resnet101, resnet152."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from jaxddp import models
 from jaxddp.models.layers import Layers, ModuleDef, compute_dtype, layers, norm_layer
 
 
@@ -105,17 +104,23 @@ class ResNet(nn.Module):
     return self.layers.last(self.num_classes, name="head")(x).astype(jnp.float32)
 
 
-def _register(name: str, stage_sizes: list[int], block: type[nn.Module]) -> None:
-  @models.register(name)
-  def factory(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
+# config.model.name -> (blocks per stage, block); jaxddp.models registers each.
+VARIANTS = {
+    "resnet18": ([2, 2, 2, 2], BasicBlock),
+    "resnet34": ([3, 4, 6, 3], BasicBlock),
+    "resnet50": ([3, 4, 6, 3], BottleneckBlock),
+    "resnet101": ([3, 4, 23, 3], BottleneckBlock),
+    "resnet152": ([3, 8, 36, 3], BottleneckBlock),
+}
+
+
+def factory(name: str) -> Callable[[ml_collections.ConfigDict, int], ResNet]:
+  """The model factory (config, num_classes) -> ResNet of the variant `name`."""
+  stage_sizes, block = VARIANTS[name]
+
+  def create(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
     return ResNet(stage_sizes=stage_sizes, block=block, num_classes=num_classes,
                   norm=norm_layer(config), width=config.model.width, stem=config.model.stem,
                   zero_init_residual=config.model.zero_init_residual, layers=layers(config),
                   dtype=compute_dtype(config))
-
-
-_register("resnet18", [2, 2, 2, 2], BasicBlock)
-_register("resnet34", [3, 4, 6, 3], BasicBlock)
-_register("resnet50", [3, 4, 6, 3], BottleneckBlock)
-_register("resnet101", [3, 4, 23, 3], BottleneckBlock)
-_register("resnet152", [3, 8, 36, 3], BottleneckBlock)
+  return create

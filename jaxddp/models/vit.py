@@ -5,8 +5,8 @@ Touvron et al. 2021's DeiT-Ti and Dosovitskiy et al.'s ViT-S/B), with
 config.model.patch_size, .pooling (cls: a class token; mean: the average of the
 patch tokens) and .dropout.
 
-This file uses only the public door a user's model would use: it registers its
-factories with jaxddp.models.register, and builds its dense layers and patch
+This file uses only what a user's model would use: jaxddp.models registers its
+factories as it would a user's, and it builds its dense layers and patch
 embedding from the same layer hooks as the CNNs (jaxddp.models.layers), so
 config.model.dtype and the sparsity methods (masked layers, SWAT) reach it too.
 Its layer names (patch_embed, block3/attention/qkv, block3/mlp1, head, ...) do
@@ -19,15 +19,14 @@ the attention weights and on each residual branch.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxddp import models
-from jaxddp.config import ConfigError
+from jaxddp.errors import ConfigError
 from jaxddp.models.layers import Layers, compute_dtype, layers
 
 # name: (width, depth, heads, MLP size)
@@ -124,11 +123,11 @@ class ViT(nn.Module):
     return self.layers.last(self.num_classes, name="head")(x).astype(jnp.float32)
 
 
-def _register(name: str) -> None:
+def factory(name: str) -> Callable[[ml_collections.ConfigDict, int], ViT]:
+  """The model factory (config, num_classes) -> ViT of the variant `name` (VARIANTS)."""
   width, depth, num_heads, mlp_size = VARIANTS[name]
 
-  @models.register(name)
-  def factory(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
+  def create(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
     m = config.model
     if m.pooling not in POOLINGS:
       raise ConfigError(f"config.model.pooling={m.pooling!r} is not valid; choose one of: "
@@ -136,7 +135,4 @@ def _register(name: str) -> None:
     return ViT(num_classes=num_classes, width=width, depth=m.depth or depth, num_heads=num_heads,
                mlp_size=mlp_size, patch_size=m.patch_size, pooling=m.pooling, dropout=m.dropout,
                layers=layers(config), dtype=compute_dtype(config))
-
-
-for _name in VARIANTS:
-  _register(_name)
+  return create

@@ -2,7 +2,7 @@
 
 Each score is a function (scoring) -> (scores, details) of a `Scoring` (jaxddp.score),
 which trains and loads runs and computes per-example outputs over the training split
-(jaxddp.pruning.outputs). The formulas themselves are plain NumPy functions here, which
+(jaxddp.evaluate). The formulas themselves are plain NumPy functions here, which
 the tests check against their own references.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from jaxddp.config import ConfigError
+from jaxddp.errors import ConfigError
 from jaxddp.registry import Registry
 
 

@@ -1,15 +1,21 @@
-"""What a training run needs from data pruning: the static subset, the per-example tables
-in the state, and InfoBatch's epochs.
+"""Data pruning as a training run sees it: one object made from the config (`create`).
 
-* Static (config.data_pruning.scores): the kept examples are chosen once, before
-  anything compiles (`kept_examples`); the dataset then draws every batch from them,
-  so the order stays a function of (seed, step) and the recipe counts epochs of them.
-* Dynamic (config.data_pruning.dynamic=infobatch): `InfoBatchEpochs` plans each
-  epoch when it starts, from the per-example loss table the training step keeps in
-  state.examples (the same on every device and process): which examples it skips
-  and how much the others weigh (jaxddp.pruning.select.infobatch_weights), written
-  into the state with the epoch's first step and length. A checkpoint therefore
-  holds the epoch being run and the table, and a resumed run goes on exactly.
+The training loop asks a `DataPruning` for the next part of the run (`plan`: its
+steps and batches), for what to log (`progress`) and report, and never asks which
+kind it is:
+
+* None (the default): one part, every example.
+* Static (config.data_pruning.scores / keep_fraction): the kept examples are chosen
+  once, before anything compiles (`kept_examples`); the dataset then draws every batch
+  from them, so the order stays a function of (seed, step) and the recipe counts epochs
+  of them. Still one part.
+* Dynamic (config.data_pruning.dynamic, a DYNAMIC registry; InfoBatch): one part per
+  epoch, planned when it starts from the per-example loss table the training step
+  keeps in state.examples (the same on every device and process): which examples it
+  skips and how much the others weigh (jaxddp.pruning.select.infobatch_weights),
+  written into the state with the epoch's first step and length
+  (jaxddp.pruning.tables). A checkpoint therefore holds the epoch being run and the
+  table, and a resumed run goes on exactly.
 
 Under InfoBatch the epochs get shorter, but the learning-rate schedule is still laid
 out over the run's epochs as if every epoch were whole: step i of an epoch e of n
@@ -28,12 +34,17 @@ import math
 import os
 from typing import Callable, Iterator
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxddp.config import ConfigError, Recipe
+from jaxddp.errors import ConfigError
 from jaxddp.pruning import select
+from jaxddp.pruning.tables import Epoch, ExampleTables
+from jaxddp.recipe import Recipe
+from jaxddp.registry import Registry
+from jaxddp.state import TrainState, local_value
 
 
 def kept_examples(config: ml_collections.ConfigDict, dataset) -> np.ndarray | None:
@@ -90,7 +101,7 @@ def check_dataset(config: ml_collections.ConfigDict, dataset) -> None:
   """A one-line error if the config's data pruning needs what `dataset` lacks: train_batches
   with an `examples` argument (subsets, InfoBatch) and batches with "index"."""
   dp = config.data_pruning
-  if not (dp.scores or dp.keep_fraction < 1 or is_dynamic(config) or dp.track_forgetting):
+  if not (dp.scores or dp.keep_fraction < 1 or dp.dynamic != "none" or dp.track_forgetting):
     return
   if "examples" not in inspect.signature(dataset.train_batches).parameters:
     raise ConfigError(f"config.data_pruning needs a dataset that trains on chosen examples and "
@@ -98,145 +109,181 @@ def check_dataset(config: ml_collections.ConfigDict, dataset) -> None:
                       "train_batches has no `examples` argument (see jaxddp.data.Dataset)")
 
 
-def is_dynamic(config: ml_collections.ConfigDict) -> bool:
-  return config.data_pruning.dynamic != "none"
+def anneal_epoch(anneal_fraction: float, num_epochs: int) -> int:
+  """The first epoch (from 0) that trains on all the data again: ceil(fraction x epochs),
+  rounded first so that 0.55 x 100 = 55.00000000000001 anneals from epoch 55, not 56."""
+  return math.ceil(round(anneal_fraction * num_epochs, 9))
 
 
-def initial_tables(config: ml_collections.ConfigDict, num_examples: int, num_classes: int,
-                   recipe: Recipe) -> dict[str, jnp.ndarray]:
-  """state.examples at the start of a run: {} unless the run tracks per-example values.
+@dataclasses.dataclass
+class Part:
+  """A stretch of the run with one plan: steps [start, end) and this process's part of
+  their batches (on the host); `last`: the run ends with it."""
+  start: int
+  end: int
+  last: bool
+  batches: Iterator[dict]
 
-  InfoBatch: every example's loss starts at ln(classes), a uniform guess's, so none
-  is below the mean and the first epoch sees all of them. Forgetting: nothing
-  correct yet, nothing forgotten or learned.
+
+class DataPruning:
+  """No data pruning, or a static subset: the run is one part over the kept examples.
+
+  Subclasses (the DYNAMIC registry) plan the run in parts from the state's tables.
   """
-  tables = {}
-  if is_dynamic(config):
-    tables.update(loss=jnp.full((num_examples,), math.log(max(num_classes, 2)), jnp.float32),
-                  weight=jnp.ones((num_examples,), jnp.float32),
-                  epoch=jnp.zeros((), jnp.int32), epoch_start=jnp.zeros((), jnp.int32),
-                  epoch_steps=jnp.asarray(recipe.steps_per_epoch, jnp.int32))
-  if config.data_pruning.track_forgetting:
-    tables.update({name: jnp.zeros((num_examples,), jnp.float32)
-                   for name in ("correct", "forgotten", "learned")})
-  return tables
+  tables = ExampleTables()  # per-example tables the step keeps in state.examples
+  schedule_position: Callable[[TrainState], jnp.ndarray] | None = None  # see optim
+
+  def __init__(self, config: ml_collections.ConfigDict, dataset, recipe: Recipe,
+               kept: np.ndarray | None):
+    self.config, self.dataset, self.recipe, self.kept = config, dataset, recipe, kept
+    self.tables = ExampleTables(forgetting=bool(config.data_pruning.track_forgetting))
+
+  @property
+  def description(self) -> str:
+    """What it does, for the recipe."""
+    if self.kept is None:
+      return "none"
+    dp = self.config.data_pruning
+    scores = f", scores {dp.scores}" if dp.scores else ""
+    balanced = ", class-balanced" if dp.class_balance else ""
+    return (f"static subset: {len(self.kept)} of {self.dataset.num_train_examples} examples "
+            f"kept ({dp.policy}{balanced}, keep_fraction {dp.keep_fraction}{scores})")
+
+  def initial_tables(self) -> dict[str, jnp.ndarray]:
+    return self.tables.initial(self.dataset.num_train_examples, self.dataset.num_classes,
+                               self.recipe.steps_per_epoch)
+
+  def train_batches(self, start_step: int, *, seed: int | None = None,
+                    examples: np.ndarray | None = None) -> Iterator[dict]:
+    """This process's part of the training batch of each step from start_step on."""
+    examples = self.kept if examples is None else examples
+    return self.dataset.train_batches(
+        global_batch_size=self.recipe.effective_batch_size,
+        seed=self.config.seed if seed is None else seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        **({} if examples is None else {"examples": examples}))
+
+  def plan(self, state: TrainState, step: int, backend) -> tuple[TrainState, Part | None]:
+    """(state, the part of the run from `step` on), or (state, None) when the run is
+    over. Called with every dispatched step finished. The state may come back with new
+    tables (a new epoch's plan)."""
+    total = self.recipe.total_steps
+    if step >= total:
+      return state, None
+    return state, Part(step, total, True, self.train_batches(step))
+
+  def progress(self, done: int) -> dict[str, float]:
+    """What the log adds after `done` steps (e.g. "data/examples_seen")."""
+    return {}
+
+  def report(self, last_step: int, report: dict[str, float]) -> dict[str, float]:
+    """The final report's data-pruning entries, from the rest of it (FLOPs)."""
+    return {}
+
+  def summary(self, last_step: int, report: dict[str, float]) -> str | None:
+    """A line for the end of the run, or None."""
+    return None
 
 
-def schedule_step(recipe: Recipe) -> Callable:
-  """state -> the position in the learning-rate schedule, in full-epoch steps (InfoBatch)."""
-  def position(state):
-    e = state.examples
-    progress = e["epoch"] + (state.step - e["epoch_start"]) / e["epoch_steps"]
-    return progress.astype(jnp.float32) * recipe.steps_per_epoch
-  return position
+DYNAMIC: Registry[type[DataPruning]] = Registry("dynamic data pruning",
+                                                "data_pruning.dynamic")
 
 
-def check_recipe(config: ml_collections.ConfigDict, recipe: Recipe) -> None:
-  if is_dynamic(config):
+@DYNAMIC.register("infobatch")
+class InfoBatch(DataPruning):
+  """InfoBatch (Qin et al. 2024): each epoch skips a random prune_ratio of the examples
+  whose latest loss is below the mean, and scales the loss of the other low-loss ones
+  by 1 / (1 - prune_ratio); from anneal_fraction of the epochs on, every example.
+
+  Under InfoBatch the epochs get shorter, but the learning-rate schedule is still laid
+  out over the run's epochs as if every epoch were whole: step i of an epoch e of n
+  steps is at position (e + i / n) x (steps of a full epoch) of the schedule
+  (`schedule_position`). Warmup therefore lasts warmup_epochs epochs (or warmup_steps
+  full-epoch steps) and the decay reaches its end when the last epoch does, however
+  many steps the epochs had.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, dataset, recipe: Recipe,
+               kept: np.ndarray | None):
+    super().__init__(config, dataset, recipe, kept)
     if config.train.num_steps:
       raise ConfigError("config.data_pruning.dynamic sets the run's length in epochs (they get "
                         "shorter); use config.train.num_epochs, not train.num_steps")
     if recipe.total_steps % recipe.steps_per_epoch:
       raise ConfigError(f"config.data_pruning.dynamic needs a whole number of epochs; the run "
                         f"has {recipe.epochs:g}")
-
-
-def describe(config: ml_collections.ConfigDict, dataset_size: int, kept: np.ndarray | None,
-             recipe: Recipe) -> str:
-  dp = config.data_pruning
-  if kept is not None:
-    scores = f", scores {dp.scores}" if dp.scores else ""
-    balanced = ", class-balanced" if dp.class_balance else ""
-    return (f"static subset: {len(kept)} of {dataset_size} examples kept ({dp.policy}"
-            f"{balanced}, keep_fraction {dp.keep_fraction}{scores})")
-  if is_dynamic(config):
-    epochs = recipe.total_steps // recipe.steps_per_epoch
-    pruned = min(anneal_epoch(config, epochs), epochs)
-    return (f"infobatch: prune_ratio {dp.prune_ratio}, prunes in the first {pruned} of {epochs} "
-            f"epochs (the first sees everything), all the data in the last {epochs - pruned}; "
-            f"at most {recipe.total_steps} steps")
-  return "none"
-
-
-def anneal_epoch(config: ml_collections.ConfigDict, num_epochs: int) -> int:
-  """The first epoch (from 0) that trains on all the data again."""
-  return math.ceil(config.data_pruning.anneal_fraction * num_epochs)
-
-
-@dataclasses.dataclass
-class InfoBatchEpochs:
-  """The steps of an InfoBatch run, epoch by epoch (see the module's docstring).
-
-  `steps` yields (step, batch on the devices). At the start of each epoch it calls
-  read_tables() (which must first wait for every step dispatched: the table is the
-  one after the previous epoch) and write_tables(new entries); `last_step` is set as
-  soon as the last epoch is planned.
-  """
-  config: ml_collections.ConfigDict
-  dataset: object
-  recipe: Recipe
-  process_index: int
-  process_count: int
-  last_step: int | None = None
-  _current: dict | None = None  # the tables of the epoch being run
+    self.tables = dataclasses.replace(self.tables, losses=True)
+    self.num_epochs = recipe.total_steps // recipe.steps_per_epoch
+    self.anneal_epoch = anneal_epoch(config.data_pruning.anneal_fraction, self.num_epochs)
+    self._epoch: Epoch | None = None  # the epoch being run
 
   @property
-  def num_epochs(self) -> int:
-    return self.recipe.total_steps // self.recipe.steps_per_epoch
+  def description(self) -> str:
+    pruned = min(self.anneal_epoch, self.num_epochs)
+    return (f"infobatch: prune_ratio {self.config.data_pruning.prune_ratio}, prunes in the "
+            f"first {pruned} of {self.num_epochs} epochs (the first sees everything), all the "
+            f"data in the last {self.num_epochs - pruned}; at most {self.recipe.total_steps} "
+            "steps")
 
-  def plan(self, epoch: int, start: int, losses: np.ndarray) -> dict[str, np.ndarray]:
-    """The state.examples entries of an epoch starting at step `start`."""
+  def schedule_position(self, state: TrainState) -> jnp.ndarray:
+    """The position of `state`'s next step in the learning-rate schedule, in full-epoch
+    steps."""
+    epochs = self.tables.progress(state.examples, state.step)
+    return epochs.astype(jnp.float32) * self.recipe.steps_per_epoch
+
+  def weights(self, epoch: int, losses: np.ndarray) -> np.ndarray:
+    """Each example's loss weight in `epoch` (0: skipped) from the latest losses."""
     dp = self.config.data_pruning
-    weights = select.infobatch_weights(
-        losses, dp.prune_ratio, seed=self.config.seed, epoch=epoch,
-        anneal=epoch >= anneal_epoch(self.config, self.num_epochs))
-    steps = int(np.count_nonzero(weights)) // self.recipe.effective_batch_size
-    if steps == 0:
-      raise ConfigError(f"InfoBatch kept {np.count_nonzero(weights)} examples in epoch {epoch}, "
-                        "fewer than one batch; lower config.data_pruning.prune_ratio")
-    return {"weight": weights, "epoch": np.int32(epoch), "epoch_start": np.int32(start),
-            "epoch_steps": np.int32(steps)}
+    return select.infobatch_weights(losses, dp.prune_ratio, seed=self.config.seed, epoch=epoch,
+                                    anneal=epoch >= self.anneal_epoch)
 
-  def steps(self, start_step: int, read_tables: Callable[[], dict],
-            write_tables: Callable[[dict], None],
-            put_batches: Callable) -> Iterator[tuple[int, dict]]:
-    from jaxddp import data  # data imports config, as this module does; no cycle at import
-    tables = self._current = read_tables()
-    epoch, step = int(tables["epoch"]), start_step
-    if step == int(tables["epoch_start"]) + int(tables["epoch_steps"]):  # saved at its end
-      epoch, tables = self._next_epoch(epoch, step, read_tables, write_tables)
-    while epoch < self.num_epochs:
-      self._current = tables
-      start, length = int(tables["epoch_start"]), int(tables["epoch_steps"])
-      if epoch == self.num_epochs - 1:
-        self.last_step = start + length
-      host = self.dataset.train_batches(
-          global_batch_size=self.recipe.effective_batch_size,
-          seed=select.epoch_seed(self.config.seed, epoch), start_step=step - start,
-          process_index=self.process_index, process_count=self.process_count,
-          examples=np.flatnonzero(tables["weight"]))
-      for batch in data.prefetch_to_device(itertools.islice(host, start + length - step),
-                                           put_batches):
-        yield step, batch
-        step += 1
-      epoch, tables = self._next_epoch(epoch, step, read_tables, write_tables)
-    self.last_step = step
+  def plan(self, state: TrainState, step: int, backend) -> tuple[TrainState, Part | None]:
+    examples = jax.tree.map(local_value, backend.global_state(state).examples)
+    epoch = self._epoch = self.tables.epoch(examples)
+    if step == epoch.end:  # the epoch is over (or was saved at its end): plan the next
+      if epoch.index + 1 >= self.num_epochs:
+        return state, None
+      weights = self.weights(epoch.index + 1, self.tables.losses_of(examples))
+      steps = int(np.count_nonzero(weights)) // self.recipe.effective_batch_size
+      if steps == 0:
+        raise ConfigError(f"InfoBatch kept {np.count_nonzero(weights)} examples in epoch "
+                          f"{epoch.index + 1}, fewer than one batch; lower "
+                          "config.data_pruning.prune_ratio")
+      epoch = Epoch(epoch.index + 1, step, steps)
+      examples = self.tables.with_epoch(examples, epoch, weights)
+      state = state.replace(examples=backend.put_state(examples))
+    self._epoch = epoch
+    batches = self.train_batches(step - epoch.start, seed=select.epoch_seed(self.config.seed,
+                                                                            epoch.index),
+                                 examples=self.tables.kept(examples))
+    return state, Part(step, epoch.end, epoch.index == self.num_epochs - 1,
+                       itertools.islice(batches, epoch.end - step))
 
   def progress(self, done: int) -> dict[str, float]:
-    """What the log reports after `done` steps: examples seen, epochs (fractional) and the
-    fraction of a full-data run's examples skipped so far."""
-    tables = self._current
-    epochs = int(tables["epoch"]) + (done - int(tables["epoch_start"])) / int(
-        tables["epoch_steps"])
+    """Examples seen, epochs (fractional) and the fraction of a full-data run's examples
+    skipped after `done` steps."""
+    epoch = self._epoch
+    epochs = epoch.index + (done - epoch.start) / epoch.steps
     full = epochs * self.recipe.steps_per_epoch
     return {"data/examples_seen": float(done * self.recipe.effective_batch_size),
             "data/epochs": epochs, "data/fraction_skipped": 1 - done / full if full else 0.0}
 
-  def _next_epoch(self, epoch: int, step: int, read_tables, write_tables) -> tuple[int, dict]:
-    """Plans epoch + 1 (if the run has one) from the tables after `step` steps."""
-    epoch += 1
-    tables = read_tables()
-    if epoch < self.num_epochs:
-      tables = {**tables, **self.plan(epoch, step, tables["loss"])}
-      write_tables(tables)
-    return epoch, tables
+  def report(self, last_step: int, report: dict[str, float]) -> dict[str, float]:
+    saved = 1 - report["flops/train_total"] / (self.recipe.total_steps
+                                               * report["flops/train_step_dense"])
+    return {**self.progress(last_step), "flops/saved_fraction": saved}
+
+  def summary(self, last_step: int, report: dict[str, float]) -> str:
+    return (f"infobatch: {report['data/examples_seen']:.0f} examples seen in {last_step} "
+            f"steps, {report['data/fraction_skipped']:.1%} of a full-data run's skipped "
+            f"({self.recipe.total_steps} steps); training FLOPs saved "
+            f"{report['flops/saved_fraction']:.1%}")
+
+
+def create(config: ml_collections.ConfigDict, dataset, recipe: Recipe,
+           kept: np.ndarray | None) -> DataPruning:
+  """The run's data pruning: config.data_pruning.dynamic's (DYNAMIC), or none / a static
+  subset (`kept`, from kept_examples)."""
+  dynamic = config.data_pruning.dynamic
+  return DataPruning(config, dataset, recipe, kept) if dynamic == "none" else DYNAMIC[dynamic](
+      config, dataset, recipe, kept)

@@ -1,6 +1,9 @@
-"""Per-example outputs over a whole split, data-parallel: the primitive scores build on.
+"""Evaluation over a whole split, data-parallel: totals, and outputs per example.
 
-`per_example_outputs` runs the model (in evaluation mode: running batch-norm
+* `evaluate`: loss and accuracy over every test example exactly once (what a run logs
+  as eval/loss and eval/accuracy).
+* `per_example_outputs`: the primitive that data-pruning scores and the cascade build
+  on. It runs the model (in evaluation mode: running batch-norm
 statistics, no dropout) over every example of a split exactly once, on every device
 of every process, in padded and masked batches as evaluation does, and returns on
 every process one value per example in the dataset's index order:
@@ -16,6 +19,8 @@ every process one value per example in the dataset's index order:
 
 Each step gathers the global batch's outputs with their indices onto every device
 (jaxddp.steps.gather_batch), so every process ends with the whole table.
+* `split_outputs`: the same for given weights (a trained run's, an initialisation's),
+  evaluated with a run's fresh setup, on its training or test split.
 """
 
 from __future__ import annotations
@@ -28,11 +33,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxddp import losses, parallel
-from jaxddp.state import TrainState
+from jaxddp import data, losses, parallel
+from jaxddp.metrics import SumCounter
+from jaxddp.recipe import Recipe
+from jaxddp.state import TrainState, local_value
 from jaxddp.steps import gather_batch, per_device
 
 OUTPUTS = ("logits", "loss", "correct", "embedding", "grad_norm")
+
+
+def evaluate(backend: parallel.Backend, state: TrainState, dataset: data.Dataset,
+             recipe: Recipe) -> dict[str, float]:
+  """Loss and accuracy over every test example exactly once (padded, masked batches)."""
+  batches = dataset.eval_batches(global_batch_size=recipe.eval_global_batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+  counter = SumCounter()
+  for batch in batches:  # one batch at a time: unbounded dispatch can deadlock CPU collectives
+    counter.add(parallel.metrics_to_host([backend.eval_step(state, backend.put_batch(batch))])[0])
+  return counter.averages()
 
 
 def apply_with_embedding(state: TrainState, x: jnp.ndarray, params=None):
@@ -134,3 +153,24 @@ def per_example_outputs(backend: parallel.Backend, state: TrainState, batches: I
     raise ValueError(f"the batches must hold each of the {num_examples} examples exactly once: "
                      f"{missing} never appeared, {repeated} appeared more than once")
   return result
+
+
+def split_outputs(run: Any, weights: TrainState, split: str,
+                  what: Iterable[str] = ("logits",), **options: Any) -> dict[str, np.ndarray]:
+  """per_example_outputs of `weights` (a host TrainState: its params, batch statistics
+  and masks are used) over every example of run.dataset's `split` ("train" or "test").
+
+  `run` is a fresh jaxddp.train.Setup: its backend, initial state (for everything but
+  the weights), dataset and recipe. `options` go to per_example_outputs (loss_fn=,
+  chunk_size=, on_batch=).
+  """
+  base = jax.tree.map(local_value, run.backend.global_state(run.state))
+  state = base.replace(params=weights.params, batch_stats=weights.batch_stats,
+                       masks=weights.masks)
+  dataset = run.dataset
+  count = dataset.num_train_examples if split == "train" else dataset.num_test_examples
+  batches = dataset.eval_batches(global_batch_size=run.recipe.eval_global_batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count(), split=split)
+  return per_example_outputs(run.backend, run.backend.put_state(state), batches, count, what,
+                             **options)
