@@ -8,6 +8,9 @@ use a small MLP, which compiles in a second.
 import contextlib
 import io
 import json
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -17,7 +20,7 @@ import optax
 import pytest
 
 import jaxddp
-from conftest import make_tiny_config
+from conftest import REPO, make_tiny_config
 from jaxddp import config as config_lib
 from jaxddp import data, losses, models, optim, sparsity, train
 from jaxddp.config import ConfigError
@@ -236,3 +239,32 @@ def test_dropout_draws_new_masks_each_step_and_the_same_for_the_same_step():
 
   assert loss_at(3) == loss_at(3)
   assert loss_at(3) != loss_at(4)
+
+
+_XLA_FLAGS_RUNS = """
+import jaxddp
+from configs import mnist1d
+for devices in (1, 4):
+  config = mnist1d.get_config()  # not conftest's: it sets jax_num_cpu_devices itself
+  config.parallel.cpu_devices, config.model.width = devices, 4
+  config.train.num_steps, config.train.log_every, config.train.checkpoint_every = 2, 2, 2
+  config.train.batch_size = 32
+  result = jaxddp.train_and_evaluate(config, WORKDIR + f"/run{devices}")
+  print("trained on", result.recipe.num_devices, "devices")
+"""
+
+
+def test_a_device_count_set_through_xla_flags_is_never_lowered(tmp_path):
+  """A process started with XLA_FLAGS=--xla_force_host_platform_device_count=4 trains
+  with cpu_devices=1 and then with 4: the first run must not set jax_num_cpu_devices=1,
+  which would win over the flag (the second then failed: "JAX was started with 1 CPU
+  devices")."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "PYTHONPATH": REPO}
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  script = _XLA_FLAGS_RUNS.replace("WORKDIR", repr(str(tmp_path)))
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.count("trained on") == 2, result.stdout[-2000:]
+  assert "trained on 1 devices" in result.stdout and "trained on 4 devices" in result.stdout
