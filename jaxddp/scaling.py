@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxddp import flops, models
+
 # How far outside the fitted budgets the planner extrapolates: a factor of 100.
 MAX_EXTRAPOLATION = 100.0
 
@@ -45,7 +47,7 @@ MAX_EXTRAPOLATION = 100.0
 @dataclasses.dataclass(frozen=True)
 class ModelCost:
   params: int  # N: every parameter (kernels, biases, normalisation scales and offsets)
-  forward_flops: float  # per example, dense and convolution layers (jaxddp.sparsity)
+  forward_flops: float  # per example, dense and convolution layers (jaxddp.flops)
   train_flops: float  # per example: forward + backward = 3 x forward
 
 
@@ -55,14 +57,12 @@ def model_cost(config: ml_collections.ConfigDict, input_shape: tuple[int, ...],
   (nothing is compiled or run). input_shape is one example's (no batch axis), e.g.
   (40, 1) for MNIST-1D. Training FLOPs are 3 x forward: the backward pass computes the
   input and the kernel gradients, 2PW each."""
-  from jaxddp import models, sparsity
   model = models.create_model(config, num_classes)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape)),
                                                 train=False))
   params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables["params"]))
-  # The same count as a training run's FLOPs report (Sparsity.flops_per_example, dense).
-  forward = float(sum(2 * layer.positions * layer.size
-                      for layer in sparsity.find_layers(model, input_shape)))
+  # The same count as a training run's FLOPs report (flops/forward_dense).
+  forward = flops.dense_forward(flops.find_layers(model, input_shape))
   return ModelCost(params=int(params), forward_flops=forward, train_flops=3 * forward)
 
 

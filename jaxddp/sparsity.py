@@ -27,8 +27,8 @@ each layer gets it; erk: Erdos-Renyi-Kernel, Evci et al. 2020), or, with scope
 the training step from the replicated weights, so they are identical on every
 device, and they are part of the checkpoint.
 
-FLOPs are counted analytically for the dense and convolution layers (see
-docs/sparsity.md for the formulas).
+FLOPs are counted by jaxddp.flops (the formulas are in docs/sparsity.md); this module
+gives it the masks' non-zeros.
 """
 
 from __future__ import annotations
@@ -45,15 +45,13 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from jaxddp import flops
 from jaxddp.errors import ConfigError
-from jaxddp.recipe import Recipe
-from jaxddp.nn import MaskedConv, MaskedDense
+from jaxddp.flops import Layer, find_layers  # noqa: F401  (the layers masks are made for)
 from jaxddp.nn.masked import kth_largest
+from jaxddp.recipe import Recipe
 from jaxddp.registry import Registry
 from jaxddp.state import TrainState
-
-LAYER_TYPES = (nn.Dense, nn.Conv, MaskedDense, MaskedConv)
-
 
 @dataclasses.dataclass(frozen=True)
 class Method:
@@ -77,42 +75,6 @@ METHODS.register("magnitude")(Method(updates="once"))
 METHODS.register("gradual_magnitude")(Method(updates="gradual"))
 METHODS.register("random")(Method(initial="random"))
 METHODS.register("swat")(Method(updates="periodic", prunes=False, sparse_backward=True))
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-  """A dense or convolution layer of the model, for masks and FLOPs."""
-  name: str  # module path, e.g. "BasicBlock_0/MaskedConv_1"
-  kernel_shape: tuple[int, ...]
-  positions: int  # output positions per example: 1 for a dense layer on vectors
-  masked: bool  # a MaskedDense/MaskedConv (False: kept dense, e.g. skip_first_layer)
-  activation_sparsity: float  # SWAT's, in the backward pass; 0 without SWAT
-
-  @property
-  def size(self) -> int:
-    return math.prod(self.kernel_shape)
-
-
-def find_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer]:
-  """The model's dense and convolution layers in the order they run, from shapes alone."""
-  found = {}  # path -> the module's activation_sparsity, in the order the layers run
-
-  def is_layer(module: nn.Module, method: str) -> bool:
-    hit = method == "__call__" and isinstance(module, LAYER_TYPES)
-    if hit:
-      found.setdefault(module.scope.path, getattr(module, "activation_sparsity", 0.0))
-    return hit
-
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False,
-                         capture_intermediates=is_layer))
-  outputs = traverse_util.flatten_dict(variables["intermediates"])
-  kernels = traverse_util.flatten_dict(variables["params"])
-  masks = traverse_util.flatten_dict(variables.get("masks", {}))
-  return [Layer(name="/".join(path), kernel_shape=tuple(kernels[(*path, "kernel")].shape),
-                positions=math.prod(outputs[(*path, "__call__")][0].shape[1:-1]),
-                masked=(*path, "kernel") in masks, activation_sparsity=activation_sparsity)
-          for path, activation_sparsity in found.items()]
 
 
 def erk_densities(shapes: dict[str, tuple[int, ...]], sparsity: float) -> dict[str, float]:
@@ -263,34 +225,13 @@ class Sparsity:
             for layer in self.layers}
 
   def flops_per_example(self, nonzeros: dict[str, Any]) -> dict[str, Any]:
-    """Forward and backward FLOPs of one example, dense and sparse (docs/sparsity.md).
-
-    With P output positions, W kernel entries and n of them non-zero:
-    forward 2PW dense, 2Pn sparse; backward 4PW dense (input and kernel
-    gradients), sparse 2Pn for the input gradient plus, for the kernel gradient,
-    2Pn under pruning (only kept weights need one), 2PW(1 - a) under SWAT (a dense
-    gradient from an input with a fraction a zeroed), 2PW for an unmasked layer.
-    """
-    totals = dict.fromkeys(("forward_dense", "forward_sparse", "backward_dense",
-                            "backward_sparse"), 0.0)
-    for layer in self.layers:
-      p, w, n = layer.positions, layer.size, nonzeros[layer.name]
-      if not layer.masked:
-        kernel_grad = 2 * p * w
-      elif self.spec.sparse_backward:
-        kernel_grad = 2 * p * w * (1.0 - layer.activation_sparsity)
-      else:
-        kernel_grad = 2 * p * n
-      totals["forward_dense"] += 2 * p * w
-      totals["forward_sparse"] += 2 * p * n
-      totals["backward_dense"] += 4 * p * w
-      totals["backward_sparse"] += 2 * p * n + kernel_grad
-    return totals
+    """Forward and backward FLOPs of one example, dense and sparse (jaxddp.flops)."""
+    return flops.per_example(self.layers, nonzeros, self.spec.sparse_backward)
 
   def train_step_flops(self, masks) -> jnp.ndarray:
     """Sparse FLOPs of one optimizer step (forward + backward, effective batch). Traced."""
-    flops = self.flops_per_example(self.nonzeros(masks))
-    return (flops["forward_sparse"] + flops["backward_sparse"]) * self.effective_batch_size
+    counts = self.flops_per_example(self.nonzeros(masks))
+    return (counts["forward_sparse"] + counts["backward_sparse"]) * self.effective_batch_size
 
   def report(self, masks) -> dict[str, float]:
     """Per-layer and total weight sparsity and the FLOPs, as metrics (host side)."""
@@ -300,9 +241,9 @@ class Sparsity:
                for layer in self.layers}
     total = sum(layer.size for layer in self.layers)
     scalars["sparsity/total"] = 1.0 - sum(nonzeros.values()) / total if total else 0.0
-    flops = self.flops_per_example(nonzeros)
-    scalars.update({f"flops/{k}": float(v) for k, v in flops.items()})
-    per_step = lambda kind: (flops[f"forward_{kind}"] + flops[f"backward_{kind}"]) \
+    counts = self.flops_per_example(nonzeros)
+    scalars.update({f"flops/{k}": float(v) for k, v in counts.items()})
+    per_step = lambda kind: (counts[f"forward_{kind}"] + counts[f"backward_{kind}"]) \
         * self.effective_batch_size
     scalars["flops/train_step_dense"] = per_step("dense")
     scalars["flops/train_step_sparse"] = per_step("sparse")
