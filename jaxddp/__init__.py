@@ -25,9 +25,9 @@ from typing import Any
 __all__ = ["cascade", "data", "get_config", "models", "nn", "pruning", "scaling",
            "score_examples", "train_and_evaluate"]
 
-_SUBMODULES = ("cascade", "checkpoint", "config", "data", "distributed", "losses", "metrics",
-               "models", "nn", "optim", "parallel", "pruning", "registry", "scaling", "score",
-               "sparsity", "state", "steps", "train")
+_SUBMODULES = ("cascade", "checkpoint", "config", "data", "distributed", "errors", "evaluate",
+               "flops", "losses", "metrics", "models", "nn", "optim", "parallel", "pruning",
+               "recipe", "registry", "scaling", "score", "sparsity", "state", "steps", "train")
 
 
 def get_config():
