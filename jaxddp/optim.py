@@ -1,6 +1,6 @@
 """Learning-rate schedules and optimizers built from config.optimizer and the recipe.
 
-The recipe (jaxddp.config.resolve) has already turned the config into numbers:
+The recipe (jaxddp.recipe.resolve) has already turned the config into numbers:
 the peak learning rate after the scaling rule, warmup steps, total steps and the
 step schedule's decay points, all counted in optimizer updates.
 

@@ -46,7 +46,7 @@ class Recipe:
   schedule: str
   decay_steps: tuple[int, ...]  # step schedule: updates after which the LR is multiplied
   eval_steps: int
-  data_pruning: str = "none"  # what data pruning does (jaxddp.pruning.describe)
+  data_pruning: str = "none"  # what data pruning does (DataPruning.description)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -2,7 +2,7 @@
 
 Each case runs `python -m jaxddp.main` in a subprocess (a few seconds each, most of
 it importing JAX), so the cases are kept to the ones that exercise distinct paths:
-the device-count check in config.resolve, the name checks and range checks in
+the device-count check in recipe.resolve, the name checks and range checks in
 config.validate, unknown config keys (absl / ml_collections flag parsing), and the
 workdir checks.
 """
