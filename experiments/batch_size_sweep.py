@@ -1,6 +1,6 @@
 """Test accuracy against the global batch size, for each large-batch recipe.
 
-    python experiments/batch_size_sweep.py --config=configs/mnist1d.py --out=runs/batch_sweep
+    python -m experiments.batch_size_sweep --config=configs/mnist1d.py --out=runs/batch_sweep
 
 Trains the config at every batch size of --batch_sizes for every recipe, at the
 config's number of epochs (train-longer recipes multiply it by batch / reference):
@@ -23,16 +23,13 @@ so an interrupted sweep continues where it stopped) and OUT/accuracy_vs_batch.pn
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.results import append_row, finished, read_rows  # noqa: E402
+from experiments import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/mnist1d.py.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for results.csv, the figure and the runs.")
@@ -50,20 +47,14 @@ FIELDS = ["recipe", "batch_size", "peak_learning_rate", "epochs", "steps", "test
 
 def recipe_config(base, recipe: str, batch_size: int, reference: int, warmup_epochs: float):
   """The base config with one recipe applied at one global batch size."""
-  config = base.copy_and_resolve_references()
-  config.train.batch_size = batch_size
-  config.train.eval_batch_size = min(1000, max(batch_size, 100))
-  config.train.log_every = 10**9  # only the final metrics matter here
-  config.train.checkpoint_every = 10**9
   scaling, longer, ghost = parse_recipe(recipe)
-  config.optimizer.scaling = scaling
-  config.optimizer.reference_batch_size = reference
-  config.optimizer.warmup_epochs = warmup_epochs if scaling != "none" else 0.0
-  config.train.epochs_scaling = "linear" if longer else "none"
-  if ghost:
-    config.model.norm = "ghost_batch_norm"
-    config.model.ghost_batch_size = ghost
-  return config
+  ghost_norm = {"model.norm": "ghost_batch_norm", "model.ghost_batch_size": ghost}
+  return common.quiet(base, **{
+      "train.batch_size": batch_size,
+      "train.eval_batch_size": min(1000, max(batch_size, 100)),
+      "optimizer.scaling": scaling, "optimizer.reference_batch_size": reference,
+      "optimizer.warmup_epochs": warmup_epochs if scaling != "none" else 0.0,
+      "train.epochs_scaling": "linear" if longer else "none", **(ghost_norm if ghost else {})})
 
 
 def parse_recipe(recipe: str) -> tuple[str, bool, int]:
@@ -80,15 +71,15 @@ def parse_recipe(recipe: str) -> tuple[str, bool, int]:
 
 
 def run_sweep(base, out: str, batch_sizes: list[int], recipes: list[str],
-              warmup_epochs: float) -> str:
+              warmup_epochs: float) -> common.Results:
   from jaxddp import train
 
   reference = base.train.batch_size
-  results = os.path.join(out, "results.csv")
-  done = finished(results, lambda row: (row["recipe"], int(row["batch_size"])))
-  todo = [(r, b) for r in recipes for b in batch_sizes if (r, b) not in done]
-  print(f"batch-size sweep: {len(todo)} runs to go ({len(done)} already in {results}); "
-        f"reference batch {reference}", flush=True)
+  results = common.Results(os.path.join(out, "results.csv"), FIELDS,
+                           lambda row: (row["recipe"], int(row["batch_size"])))
+  todo = [(r, b) for r in recipes for b in batch_sizes if not results.done((r, b))]
+  print(f"batch-size sweep: {len(todo)} runs to go ({len(results)} already in "
+        f"{results.path}); reference batch {reference}", flush=True)
   for index, (recipe, batch_size) in enumerate(todo, 1):
     config = recipe_config(base, recipe, batch_size, reference, warmup_epochs)
     workdir = os.path.join(out, "runs", f"{recipe.replace('+', '_')}_b{batch_size}")
@@ -96,15 +87,15 @@ def run_sweep(base, out: str, batch_sizes: list[int], recipes: list[str],
     row = {"recipe": recipe, "batch_size": batch_size}
     try:
       result = train.train_and_evaluate(config, workdir)
+      resolved = result.recipe
       row.update(test_accuracy=result.eval_metrics["accuracy"],
                  test_loss=result.eval_metrics["loss"], diverged=0)
-    except train.NonFiniteLossError:
+    except train.NonFiniteLossError as error:  # a row too: where the recipe breaks down
+      resolved = error.recipe
       row.update(test_accuracy=float("nan"), test_loss=float("nan"), diverged=1)
-    with open(os.path.join(workdir, "config.json")) as f:
-      resolved = json.load(f)["recipe"]
-    row.update(peak_learning_rate=resolved["peak_learning_rate"], epochs=resolved["epochs"],
-               steps=resolved["total_steps"], seconds=round(time.time() - start, 1))
-    append_row(results, FIELDS, row)
+    row.update(peak_learning_rate=resolved.peak_learning_rate, epochs=resolved.epochs,
+               steps=resolved.total_steps, seconds=round(time.time() - start, 1))
+    results.add(row)
     print(f"[{index}/{len(todo)}] {recipe:>22}  batch {batch_size:>5}  peak LR "
           f"{row['peak_learning_rate']:.3g}  {row['epochs']:.3g} epochs  test accuracy "
           f"{row['test_accuracy']:.4f}{'  (diverged)' if row['diverged'] else ''}  "
@@ -112,7 +103,7 @@ def run_sweep(base, out: str, batch_sizes: list[int], recipes: list[str],
   return results
 
 
-def plot(results: str, path: str, title: str) -> None:
+def plot(results: common.Results, path: str, title: str) -> None:
   """Accuracy vs batch: all of it on the left, the top 10 points magnified on the right.
 
   A recipe and its +longer variant share a colour (dashed: longer); the marker
@@ -122,7 +113,7 @@ def plot(results: str, path: str, title: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows = read_rows(results)
+  rows = results.rows()
   recipes = list(dict.fromkeys(r["recipe"] for r in rows))
   families = list(dict.fromkeys(r.replace("+longer", "") for r in recipes))
   ghosts = sorted({parse_recipe(r)[2] for r in recipes} - {0})
@@ -151,11 +142,9 @@ def plot(results: str, path: str, title: str) -> None:
   plt.close(fig)
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # absl.app would show every library's INFO lines
+def main() -> None:
   if _CONFIG.value is None or not _OUT.value:
-    raise app.UsageError("--config and --out are required")
+    raise common.Error("--config and --out are required")
   from jaxddp import config as config_lib
   base = _CONFIG.value
   batch_sizes = [int(b) for b in _BATCH_SIZES.value]
@@ -168,15 +157,15 @@ def main(argv):
     try:
       parse_recipe(recipe)
     except ValueError as error:
-      raise app.UsageError(f"{error}; see the recipes in --helpfull") from None
+      raise common.Error(f"{error}; see the recipes in --helpfull") from None
   config_lib.validate(base)
   os.makedirs(_OUT.value, exist_ok=True)
   results = run_sweep(base, _OUT.value, batch_sizes, _RECIPES.value, warmup_epochs)
   figure = os.path.join(_OUT.value, "accuracy_vs_batch.png")
   plot(results, figure, f"{base.dataset.name}, {base.model.name}: test accuracy vs batch size "
                         f"({base.train.num_epochs} epochs)")
-  print(f"wrote {results} and {figure}")
+  print(f"wrote {results.path} and {figure}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run("batch_size_sweep.py", main)

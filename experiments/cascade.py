@@ -1,13 +1,14 @@
 r"""A cascade of a cheap and a large model on MNIST-1D: accuracy against inference FLOPs.
 
-    python experiments/cascade.py --config=configs/mnist1d.py --out=runs/cascade \
+    python -m experiments.cascade --config=configs/mnist1d.py --out=runs/cascade \
         --config.dataset.num_train_examples=8000 --validation_examples=4000
 
 The last --validation_examples of the config's training set are held out: both
 models (the config's model at --cheap_width and at --large_width) train on the rest,
 in OUT/cheap and OUT/large (or --cheap_workdir / --large_workdir; a finished run there
-is reused, one made with another config or on other examples is refused). With the command above they
-train on the standard 4000 and the held-out 4000 are fresh MNIST-1D examples.
+is reused, one made with another config or on other examples is refused). With the
+command above they train on the standard 4000 and the held-out 4000 are fresh MNIST-1D
+examples.
 
 Both models' logits on every validation and test example, each exactly once,
 come from jaxddp.pruning.outputs.per_example_outputs (data-parallel over the
@@ -24,17 +25,17 @@ models' logits on the test set) and OUT/cascade.png. --quick: tiny runs, for tes
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
-import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.cli import Error, guarded  # noqa: E402
+from experiments import common
+from experiments.common import Error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/mnist1d.py.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
@@ -52,11 +53,7 @@ _QUICK = flags.DEFINE_bool("quick", False, "Tiny runs: a smoke test.")
 
 
 def _model_config(base, width: int):
-  config = base.copy_and_resolve_references()
-  config.model.width = width
-  config.train.log_every = 10**9
-  config.train.checkpoint_every = 10**9
-  return config
+  return common.quiet(base, **{"model.width": width})
 
 
 def _split(dataset, validation: int):
@@ -85,6 +82,8 @@ def _check_workdir(workdir: str, config, training) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
+  # A run of an earlier invocation (or another script), read before this one trains on:
+  # its config.json is the only record of what it trained on.
   with open(path) as f:
     trained_on = json.load(f)["recipe"]["num_train_examples"]
   changes = train.config_changes(workdir, config, {"dataset": train.describe(training)})
@@ -167,7 +166,6 @@ def plot(rows: list[dict], summary: dict, path: str) -> None:
 
 
 def run(cheap_width: int, large_width: int, validation: int) -> None:
-  from experiments.results import append_row
   from jaxddp import cascade, data
   from jaxddp import config as config_lib
   base, out = _CONFIG.value, _OUT.value
@@ -207,10 +205,10 @@ def run(cheap_width: int, large_width: int, validation: int) -> None:
            "deferred": p.deferred, "flops": p.flops}
           for split, points in sweeps.items() for p in points]
   path = os.path.join(out, "cascade.csv")
-  if os.path.exists(path):
-    os.remove(path)
-  for row in rows:
-    append_row(path, list(rows[0]), row)
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   np.savez(os.path.join(out, "test_outputs.npz"), labels=cheap.test_labels,
@@ -235,13 +233,7 @@ def run(cheap_width: int, large_width: int, validation: int) -> None:
         f"{os.path.join(out, 'cascade.png')}")
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  guarded("cascade.py", _main)
-
-
-def _main() -> None:
+def main() -> None:
   if _CONFIG.value is None or not _OUT.value:
     raise Error("--config and --out are required")
   widths = (_CHEAP_WIDTH.value, _LARGE_WIDTH.value)
@@ -258,4 +250,4 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run("cascade.py", main)

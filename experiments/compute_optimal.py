@@ -1,9 +1,9 @@
 r"""Compute-optimal model size against data on MNIST-1D: IsoFLOP profiles (Hoffmann et al.
 2022, approaches 2 and 3) and a planner from the fit.
 
-    python experiments/compute_optimal.py --config=configs/mnist1d.py --out=runs/isoflop
-    python experiments/compute_optimal.py --fit=runs/isoflop/fit.json --predict=3e13
-    python experiments/compute_optimal.py --config=configs/mnist1d.py --out=runs/isoflop \
+    python -m experiments.compute_optimal --config=configs/mnist1d.py --out=runs/isoflop
+    python -m experiments.compute_optimal --fit=runs/isoflop/fit.json --predict=3e13
+    python -m experiments.compute_optimal --config=configs/mnist1d.py --out=runs/isoflop \
         --check --check_seeds=0,1,2,3,4,5
 
 For each budget C of --budgets (training FLOPs), each width of --widths and each seed
@@ -38,16 +38,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.cli import Error, guarded  # noqa: E402
-from experiments.results import append_row, read_rows  # noqa: E402
+from experiments import common
+from experiments.common import Error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/mnist1d.py.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for results.csv, fit.json, isoflop.png.")
@@ -81,15 +79,13 @@ FIELDS = ["part", "budget", "width", "seed", "params", "train_flops_per_example"
 
 
 def _run_config(base, width: int, seed: int = 0):
-  config = base.copy_and_resolve_references()
-  config.model.width = width
-  config.seed = seed
-  config.train.num_epochs = 1
-  config.train.num_steps = 0
-  config.train.eval_every = 0
-  config.train.log_every = 10**9
-  config.train.checkpoint_every = 10**9
-  return config
+  """One pass over the run's examples (its dataset holds exactly those)."""
+  return common.quiet(base, **{"model.width": width, "seed": seed, "train.num_epochs": 1,
+                               "train.num_steps": 0})
+
+
+def _key(row) -> tuple:
+  return row["part"], float(row["budget"]), int(row["width"]), int(row["seed"])
 
 
 class Experiment:
@@ -98,9 +94,7 @@ class Experiment:
   def __init__(self, base, out: str, pool_examples: int):
     from jaxddp import data
     self.base, self.out, self.pool_examples = base, out, pool_examples
-    self.results = os.path.join(out, "results.csv")
-    self.done = {(r["part"], float(r["budget"]), int(r["width"]), int(r["seed"])): r
-                 for r in read_rows(self.results)}
+    self.results = common.Results(os.path.join(out, "results.csv"), FIELDS, _key)
     self.batch_size = base.train.batch_size
     self.shape = data.load_dataset(base)  # input shape and classes (the standard split)
     self._pool = None
@@ -139,8 +133,8 @@ class Experiment:
   def train(self, part: str, budget: float, width: int, seed: int, progress: str = "") -> dict:
     from jaxddp import data, train
     key = (part, float(budget), width, seed)
-    if key in self.done:
-      return self.done[key]
+    if self.results.done(key):
+      return self.results.row(key)
     cost, examples = self.cost(width), self.examples(budget, width)
     pool = self.pool(examples)
     subset = data.ArrayDataset(pool.train_x[:examples], pool.train_y[:examples], pool.test_x,
@@ -149,21 +143,18 @@ class Experiment:
     start = time.time()
     result = train.train_and_evaluate(_run_config(self.base, width, seed), workdir,
                                       dataset=subset)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      final = [json.loads(line) for line in f][-1]
     row = {"part": part, "budget": budget, "width": width, "seed": seed, "params": cost.params,
            "train_flops_per_example": cost.train_flops, "examples": examples,
            "steps": examples // self.batch_size,
-           "reported_train_flops": final["flops/train_total"],
+           "reported_train_flops": result.report["flops/train_total"],
            "test_loss": result.eval_metrics["loss"],
            "test_accuracy": result.eval_metrics["accuracy"],
            "seconds": round(time.time() - start, 1)}
-    append_row(self.results, FIELDS, row)
-    self.done[key] = {k: str(v) for k, v in row.items()}
+    written = self.results.add(row)
     print(f"{progress}{part} C={budget:.3g} width {width:<4} seed {seed} N={cost.params:<8} "
           f"D={examples:<8} test loss {row['test_loss']:.4f} accuracy {row['test_accuracy']:.4f} "
           f"{row['seconds']}s", flush=True)
-    return self.done[key]
+    return written
 
 
 def sweep_plan(exp: Experiment, budgets: list[float], widths: list[int], min_steps: int,
@@ -213,7 +204,7 @@ def fit(exp: Experiment, pairs: list[tuple[float, int]], seeds: list[int], windo
   settings: they are left out) and saves the fit (a scaling.Fit) as OUT/fit.json, with
   what the experiment records about it."""
   from jaxddp import scaling
-  runs, spreads = mean_runs(read_rows(exp.results), "sweep", seeds, set(pairs))
+  runs, spreads = mean_runs(exp.results.rows(), "sweep", seeds, set(pairs))
   widths = sorted({w for _, w in pairs})
   family = scaling.Family(widths=widths, params=[exp.cost(w).params for w in widths],
                           train_flops=[exp.cost(w).train_flops for w in widths])
@@ -327,7 +318,7 @@ def plot(exp: Experiment, result, pairs: list[tuple[float, int]], report: dict |
 
   from jaxddp import scaling
 
-  rows = read_rows(exp.results)
+  rows = exp.results.rows()
   iso, surface, seeds = result.isoflop, result.surface, result.about["seeds"]
   pairs = set(pairs)
   means, _ = mean_runs(rows, "sweep", seeds, pairs)
@@ -443,9 +434,9 @@ def run(budgets: list[float], widths: list[int], seeds: list[int], check_seeds: 
     raise Error("no (budget, width) fits --min_steps and --max_examples: see the plan above")
   # A whole sweep per seed: an interrupted experiment has whole seeds.
   todo = [(b, w, seed) for seed in seeds for b, w in pairs
-          if ("sweep", b, w, seed) not in exp.done]
+          if not exp.results.done(("sweep", b, w, seed))]
   print(f"{len(todo)} runs to go ({len(pairs) * len(seeds) - len(todo)} already in "
-        f"{exp.results})", flush=True)
+        f"{exp.results.path})", flush=True)
   if todo:
     exp.pool(max(exp.examples(b, w) for b, w, _ in todo))
   for i, (budget, width, seed) in enumerate(todo, 1):
@@ -453,21 +444,15 @@ def run(budgets: list[float], widths: list[int], seeds: list[int], check_seeds: 
   try:
     result = fit(exp, pairs, seeds, window, bootstraps, surface_bootstraps)
   except ValueError as error:  # too few sizes or budgets
-    raise Error(f"cannot fit: {error} (the runs are in {exp.results})") from None
+    raise Error(f"cannot fit: {error} (the runs are in {exp.results.path})") from None
   print(describe_fit(result), flush=True)
   report = check(exp, result, _CHECK_FACTOR.value, check_seeds) if _CHECK.value else None
   plot(exp, result, pairs, report, os.path.join(_OUT.value, "isoflop.png"))
-  print(f"wrote {exp.results}, {os.path.join(_OUT.value, 'fit.json')} and "
+  print(f"wrote {exp.results.path}, {os.path.join(_OUT.value, 'fit.json')} and "
         f"{os.path.join(_OUT.value, 'isoflop.png')}")
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  guarded("compute_optimal.py", _main)
-
-
-def _main() -> None:
+def main() -> None:
   if _FIT.value or _PREDICT.value is not None:
     if not (_FIT.value and _PREDICT.value is not None):
       raise Error("--fit and --predict go together")
@@ -493,4 +478,4 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run("compute_optimal.py", main)

@@ -1,7 +1,7 @@
 """Data pruning on MNIST-1D: static scores and policies in a scarce and an abundant regime,
 and InfoBatch's dynamic pruning.
 
-    python experiments/data_pruning.py --config=configs/mnist1d.py --out=runs/data_pruning
+    python -m experiments.data_pruning --config=configs/mnist1d.py --out=runs/data_pruning
 
 Static part, in each regime of --regimes (training-set sizes; MNIST-1D generates
 any number, the test set is always the standard 1000):
@@ -32,14 +32,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.results import append_row, read_rows  # noqa: E402
+from experiments import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/mnist1d.py.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for results.csv, figures and runs.")
@@ -61,25 +59,12 @@ FIELDS = ["part", "regime", "score", "policy", "keep_fraction", "prune_ratio", "
 
 
 def _config(base, regime: int, **changes):
-  config = base.copy_and_resolve_references()
-  config.dataset.num_train_examples = regime
-  config.train.log_every = 10**9
-  config.train.checkpoint_every = 10**9
-  for field, value in changes.items():
-    section, name = field.split(".")
-    with config.ignore_type():
-      config[section][name] = value
-  return config
+  return common.quiet(base, **{"dataset.num_train_examples": regime}, **changes)
 
 
 def _key(row) -> tuple:
   return (row["part"], int(row["regime"]), row["score"], row["policy"],
           round(float(row["keep_fraction"]), 6), round(float(row["prune_ratio"]), 6))
-
-
-def _final(workdir: str) -> dict:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f][-1]
 
 
 @dataclasses.dataclass
@@ -96,11 +81,12 @@ class Settings:
 class Experiment:
   def __init__(self, base, out: str, settings: Settings):
     self.base, self.out, self.settings = base, out, settings
-    self.results = os.path.join(out, "results.csv")
-    self.done = {_key(row): row for row in read_rows(self.results)}
+    self.results = common.Results(os.path.join(out, "results.csv"), FIELDS, _key)
 
   def score(self, regime: int, name: str, **changes) -> tuple[str, float]:
-    """(path of the scores, seconds they took), computed once per regime."""
+    """(path of the scores, seconds they took), computed once per regime. Their .json
+    is read even when they were just computed: it is the record of scores an earlier
+    invocation computed, and jaxddp.score.score returns the values alone."""
     from jaxddp import score
     workdir = os.path.join(self.out, f"scores_{regime}")
     path = os.path.join(workdir, "scores", f"{name}.npy")
@@ -120,28 +106,23 @@ class Experiment:
     from jaxddp import train
     row = {"part": part, "regime": regime, "score": score, "policy": policy,
            "keep_fraction": keep, "prune_ratio": prune_ratio}
-    key = _key({k: str(v) for k, v in row.items()})
-    if key in self.done:
-      return self.done[key]
+    if self.results.done(_key(row)):
+      return self.results.row(_key(row))
     workdir = self.run_dir(part, regime, score, policy, keep, prune_ratio)
     config = _config(self.base, regime, **changes)
     start = time.time()
     result = train.train_and_evaluate(config, workdir)
-    with open(os.path.join(workdir, "config.json")) as f:
-      recipe = json.load(f)["recipe"]
-    final = _final(workdir)
-    steps = int(final.get("step", recipe["total_steps"]))
-    row.update(examples_kept=recipe["num_train_examples"], steps=steps,
-               examples_seen=steps * recipe["effective_batch_size"],
+    steps = result.last_step  # InfoBatch: fewer than the recipe's total_steps
+    row.update(examples_kept=result.recipe.num_train_examples, steps=steps,
+               examples_seen=steps * result.recipe.effective_batch_size,
                test_accuracy=result.eval_metrics["accuracy"],
                test_loss=result.eval_metrics["loss"], seconds=round(time.time() - start, 1),
                score_seconds=score_seconds)
-    append_row(self.results, FIELDS, row)
-    self.done[key] = {k: str(v) for k, v in row.items()}
+    written = self.results.add(row)
     print(f"{part:>7} n={regime:<6} {score:>10} {policy:>6} keep {keep:<5g} ratio "
           f"{prune_ratio:<4g} steps {steps:<5} test accuracy {row['test_accuracy']:.4f}  "
           f"{row['seconds']}s", flush=True)
-    return self.done[key]
+    return written
 
 
 def run_static(exp: Experiment, regime: int, steps: int) -> None:
@@ -182,12 +163,12 @@ def run_dynamic(exp: Experiment, regime: int) -> None:
         "data_pruning.keep_fraction": round(seen, 4), "data_pruning.policy": "random"})
 
 
-def plot(results: str, out: str) -> list[str]:
+def plot(results: common.Results, out: str) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows = read_rows(results)
+  rows = results.rows()
   written = []
   static = [r for r in rows if r["part"] == "static"]
   regimes = sorted({int(r["regime"]) for r in static})
@@ -251,11 +232,9 @@ def plot(results: str, out: str) -> list[str]:
   return written
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
+def main() -> None:
   if _CONFIG.value is None or not _OUT.value:
-    raise app.UsageError("--config and --out are required")
+    raise common.Error("--config and --out are required")
   from jaxddp import config as config_lib
   base = _CONFIG.value
   regimes, steps = [int(r) for r in _REGIMES.value], [int(s) for s in _STEPS.value]
@@ -268,7 +247,7 @@ def main(argv):
     base.train.num_epochs = 3
     settings = Settings([0.5], ["hard", "ccs"], 0.5, ["hard"], 1, 1.0, [0.5])
   if len(steps) != len(regimes):
-    raise app.UsageError(f"--steps needs one number per regime ({len(regimes)})")
+    raise common.Error(f"--steps needs one number per regime ({len(regimes)})")
   config_lib.validate(base)
   os.makedirs(_OUT.value, exist_ok=True)
   exp = Experiment(base, _OUT.value, settings)
@@ -278,8 +257,8 @@ def main(argv):
   if "dynamic" in _PARTS.value:
     run_dynamic(exp, regimes[0])
   figures = plot(exp.results, _OUT.value)
-  print(f"wrote {exp.results} and {', '.join(figures)}")
+  print(f"wrote {exp.results.path} and {', '.join(figures)}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run("data_pruning.py", main)

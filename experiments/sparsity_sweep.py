@@ -1,6 +1,6 @@
 """Test accuracy and training FLOPs against weight sparsity, for each sparse method.
 
-    python experiments/sparsity_sweep.py --config=configs/mnist1d.py --out=runs/sparsity_sweep
+    python -m experiments.sparsity_sweep --config=configs/mnist1d.py --out=runs/sparsity_sweep
 
 Trains the config densely once (the reference), then each method of --methods at
 each weight sparsity of --sparsities (SWAT with activation sparsity equal to the
@@ -22,16 +22,13 @@ OUT/accuracy_vs_sparsity.png. --quick: two epochs, sparsity 0.8 only (for tests)
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.results import append_row, finished, read_rows  # noqa: E402
+from experiments import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/mnist1d.py.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for results.csv, the figure and the runs.")
@@ -52,18 +49,14 @@ METHODS = ("magnitude", "gradual_magnitude", "random", "swat")
 def method_config(base, method: str, weight_sparsity: float, total_steps: int,
                   update_every: int):
   """The base config with one sparse method at one weight sparsity ("none": dense)."""
-  config = base.copy_and_resolve_references()
-  config.train.log_every = 10**9  # only the final metrics matter here
-  config.train.checkpoint_every = 10**9
-  sp = config.sparsity
-  sp.method = method
-  sp.weight_sparsity = weight_sparsity
-  sp.activation_sparsity = weight_sparsity if method == "swat" else 0.0
-  sp.update_every = update_every
-  sp.start_step, sp.end_step = {"magnitude": (total_steps // 4, 0),
-                                "gradual_magnitude": (total_steps // 10, total_steps * 3 // 4),
-                                }.get(method, (0, 0))
-  return config
+  start, end = {"magnitude": (total_steps // 4, 0),
+                "gradual_magnitude": (total_steps // 10, total_steps * 3 // 4),
+                }.get(method, (0, 0))
+  return common.quiet(base, **{
+      "sparsity.method": method, "sparsity.weight_sparsity": weight_sparsity,
+      "sparsity.activation_sparsity": weight_sparsity if method == "swat" else 0.0,
+      "sparsity.update_every": update_every, "sparsity.start_step": start,
+      "sparsity.end_step": end})
 
 
 def _total_steps(base) -> int:
@@ -76,23 +69,22 @@ def _total_steps(base) -> int:
 
 
 def run_sweep(base, out: str, methods: list[str], sparsities: list[float],
-              update_every: int) -> str:
+              update_every: int) -> common.Results:
   from jaxddp import train
 
-  results = os.path.join(out, "results.csv")
-  done = finished(results, lambda row: (row["method"], float(row["weight_sparsity"])))
+  results = common.Results(os.path.join(out, "results.csv"), FIELDS,
+                           lambda row: (row["method"], float(row["weight_sparsity"])))
   runs = [("none", 0.0)] + [(m, s) for m in methods for s in sparsities]
-  todo = [run for run in runs if run not in done]
+  todo = [run for run in runs if not results.done(run)]
   total_steps = _total_steps(base)
   print(f"sparsity sweep: {len(todo)} runs to go ({len(runs) - len(todo)} already in "
-        f"{results}); {total_steps} steps each", flush=True)
+        f"{results.path}); {total_steps} steps each", flush=True)
   for index, (method, weight_sparsity) in enumerate(todo, 1):
     config = method_config(base, method, weight_sparsity, total_steps, update_every)
     workdir = os.path.join(out, "runs", f"{method}_s{weight_sparsity:g}")
     start = time.time()
     result = train.train_and_evaluate(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      final = [json.loads(line) for line in f][-1]
+    final = result.report
     row = {"method": method, "weight_sparsity": weight_sparsity,
            "activation_sparsity": config.sparsity.activation_sparsity,
            "test_accuracy": result.eval_metrics["accuracy"],
@@ -103,20 +95,20 @@ def run_sweep(base, out: str, methods: list[str], sparsities: list[float],
            "train_flops_dense": final["flops/train_total_dense"],
            "flops_ratio": final["flops/train_total"] / final["flops/train_total_dense"],
            "steps": total_steps, "seconds": round(time.time() - start, 1)}
-    append_row(results, FIELDS, row)
+    results.add(row)
     print(f"[{index}/{len(todo)}] {method:>17}  sparsity {weight_sparsity:<4g}  test accuracy "
           f"{row['test_accuracy']:.4f}  training FLOPs {row['flops_ratio']:.2f}x dense  "
           f"{row['seconds']}s", flush=True)
   return results
 
 
-def plot(results: str, path: str, title: str) -> None:
+def plot(results: common.Results, path: str, title: str) -> None:
   """Accuracy against weight sparsity (left) and against training FLOPs (right)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows = read_rows(results)
+  rows = results.rows()
   dense = [float(r["test_accuracy"]) * 100 for r in rows if r["method"] == "none"]
   fig, axes = plt.subplots(1, 2, figsize=(13, 5))
   for i, method in enumerate(m for m in METHODS if any(r["method"] == m for r in rows)):
@@ -140,20 +132,18 @@ def plot(results: str, path: str, title: str) -> None:
   plt.close(fig)
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # absl.app would show every library's INFO lines
+def main() -> None:
   if _CONFIG.value is None or not _OUT.value:
-    raise app.UsageError("--config and --out are required")
+    raise common.Error("--config and --out are required")
   from jaxddp import config as config_lib
   base = _CONFIG.value
   unknown = [m for m in _METHODS.value if m not in METHODS]
   if unknown:
-    raise app.UsageError(f"unknown method(s) {', '.join(unknown)}; choose from "
+    raise common.Error(f"unknown method(s) {', '.join(unknown)}; choose from "
                          f"{', '.join(METHODS)}")
   sparsities = [float(s) for s in _SPARSITIES.value]
   if any(not 0 <= s < 1 for s in sparsities):
-    raise app.UsageError(f"--sparsities={_SPARSITIES.value} must be fractions in [0, 1)")
+    raise common.Error(f"--sparsities={_SPARSITIES.value} must be fractions in [0, 1)")
   if _QUICK.value:
     base.train.num_epochs = 2
     sparsities = [0.8]
@@ -163,8 +153,8 @@ def main(argv):
   figure = os.path.join(_OUT.value, "accuracy_vs_sparsity.png")
   plot(results, figure, f"{base.dataset.name}, {base.model.name}: test accuracy vs weight "
                         f"sparsity ({base.train.num_epochs} epochs)")
-  print(f"wrote {results} and {figure}")
+  print(f"wrote {results.path} and {figure}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run("sparsity_sweep.py", main)

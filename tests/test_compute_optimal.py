@@ -152,7 +152,7 @@ def _run(args, timeout=600):
 def test_compute_optimal_quick_uses_the_flops_the_runs_report(tmp_path):
   """--quick end to end; every run's D times the FLOPs per example it was sized with is
   the training FLOPs the run itself counted; the planner plans and refuses."""
-  completed = _run(["experiments/compute_optimal.py", "--config=configs/mnist1d.py",
+  completed = _run(["-m", "experiments.compute_optimal", "--config=configs/mnist1d.py",
                     f"--out={tmp_path}", "--quick"])
   assert completed.returncode == 0, completed.stderr[-3000:]
   with open(tmp_path / "results.csv") as f:
@@ -168,11 +168,11 @@ def test_compute_optimal_quick_uses_the_flops_the_runs_report(tmp_path):
   assert fit["runs"] == 6 and fit["budgets"] == [1e8, 2e8]
   with open(tmp_path / "isoflop.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  planned = _run(["experiments/compute_optimal.py", f"--fit={tmp_path}/fit.json",
+  planned = _run(["-m", "experiments.compute_optimal", f"--fit={tmp_path}/fit.json",
                   "--predict=8e8"], timeout=120)
   assert planned.returncode == 0, planned.stderr[-3000:]
   assert planned.stdout.startswith("budget 8e+08 FLOPs: width ")
-  refused = _run(["experiments/compute_optimal.py", f"--fit={tmp_path}/fit.json",
+  refused = _run(["-m", "experiments.compute_optimal", f"--fit={tmp_path}/fit.json",
                   "--predict=3e10"], timeout=120)
   assert refused.returncode == 2
   assert refused.stderr.strip().splitlines() == [
@@ -181,8 +181,8 @@ def test_compute_optimal_quick_uses_the_flops_the_runs_report(tmp_path):
 
 
 def test_cascade_quick_routes_every_test_example_to_one_model(tmp_path):
-  completed = _run(["experiments/cascade.py", "--config=configs/mnist1d.py", f"--out={tmp_path}",
-                    "--quick"])
+  completed = _run(["-m", "experiments.cascade", "--config=configs/mnist1d.py",
+                    f"--out={tmp_path}", "--quick"])
   assert completed.returncode == 0, completed.stderr[-3000:]
   outputs = np.load(tmp_path / "test_outputs.npz")
   with open(tmp_path / "summary.json") as f:

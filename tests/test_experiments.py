@@ -9,9 +9,9 @@ from conftest import REPO
 
 
 def test_batch_size_sweep_quick(tmp_path):
-  command = [sys.executable, "experiments/batch_size_sweep.py", "--config=configs/mnist1d.py",
-             f"--out={tmp_path}", "--quick", "--recipes=none,linear+longer+ghost16",
-             "--config.model.width=8"]
+  command = [sys.executable, "-m", "experiments.batch_size_sweep",
+             "--config=configs/mnist1d.py", f"--out={tmp_path}", "--quick",
+             "--recipes=none,linear+longer+ghost16", "--config.model.width=8"]
   completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert completed.returncode == 0, completed.stderr[-3000:]
   with open(tmp_path / "results.csv") as f:
@@ -41,9 +41,9 @@ def test_batch_size_sweep_quick(tmp_path):
 
 
 def test_sparsity_sweep_quick(tmp_path):
-  command = [sys.executable, "experiments/sparsity_sweep.py", "--config=configs/mnist1d.py",
-             f"--out={tmp_path}", "--quick", "--methods=gradual_magnitude,swat",
-             "--config.model.width=8"]
+  command = [sys.executable, "-m", "experiments.sparsity_sweep",
+             "--config=configs/mnist1d.py", f"--out={tmp_path}", "--quick",
+             "--methods=gradual_magnitude,swat", "--config.model.width=8"]
   completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert completed.returncode == 0, completed.stderr[-3000:]
   with open(tmp_path / "results.csv") as f:
@@ -78,8 +78,9 @@ def test_experiments_read_datasets_through_the_interface_only():
 
 
 def test_data_pruning_quick(tmp_path):
-  command = [sys.executable, "experiments/data_pruning.py", "--config=configs/mnist1d.py",
-             f"--out={tmp_path}", "--quick", "--regimes=1000", "--config.model.width=8"]
+  command = [sys.executable, "-m", "experiments.data_pruning",
+             "--config=configs/mnist1d.py", f"--out={tmp_path}", "--quick", "--regimes=1000",
+             "--config.model.width=8"]
   completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert completed.returncode == 0, completed.stderr[-3000:]
   with open(tmp_path / "results.csv") as f:
