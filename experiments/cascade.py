@@ -11,7 +11,7 @@ command above they train on the standard 4000 and the held-out 4000 are fresh MN
 examples.
 
 Both models' logits on every validation and test example, each exactly once,
-come from jaxddp.pruning.outputs.per_example_outputs (data-parallel over the
+come from jaxddp.evaluate.split_outputs (data-parallel over the
 config's devices). For each threshold t of --thresholds the cheap model answers where
 its top softmax probability is at least t and the large model answers the rest
 (jaxddp.cascade). The threshold is chosen on the validation slice, never on the
@@ -98,21 +98,11 @@ def _check_workdir(workdir: str, config, training) -> None:
 def _logits(config, state, dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{"validation" / "test": (logits, labels)} for every example of dataset's training
   split (the held-out slice) and test split, each exactly once."""
-  import jax
-
-  from jaxddp import parallel, train
-  from jaxddp.pruning import outputs
+  from jaxddp import evaluate, train
   run = train.setup(config, dataset=dataset)
-  base = jax.tree.map(parallel.local_value, run.backend.global_state(run.state))
-  state = run.backend.put_state(base.replace(params=state.params,
-                                             batch_stats=state.batch_stats, masks=state.masks))
   result = {}
-  for name, split, count in (("validation", "train", dataset.num_train_examples),
-                             ("test", "test", dataset.num_test_examples)):
-    batches = dataset.eval_batches(global_batch_size=run.recipe.eval_global_batch_size,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count(), split=split)
-    out = outputs.per_example_outputs(run.backend, state, batches, count, ("logits",))
+  for name, split in (("validation", "train"), ("test", "test")):
+    out = evaluate.split_outputs(run, state, split, ("logits",))
     result[name] = out["logits"], out["label"]
   return result
 
@@ -123,11 +113,12 @@ class Model:
   def __init__(self, base, width: int, workdir: str, training, validation):
     import jax
 
-    from jaxddp import parallel, scaling, train
+    from jaxddp import scaling, train
+    from jaxddp.state import local_value
     config = _model_config(base, width)
     _check_workdir(workdir, config, training)
     result = train.train_and_evaluate(config, workdir, dataset=training)
-    state = jax.tree.map(parallel.local_value, result.state)
+    state = jax.tree.map(local_value, result.state)
     self.width, self.workdir = width, workdir
     self.run_test_accuracy = result.eval_metrics["accuracy"]
     logits = _logits(config, state, validation)
