@@ -90,9 +90,10 @@ class Checkpointer:
     try:
       items = self.manager.restore(step, args=ocp.args.StandardRestore(target))
     except (ValueError, KeyError, TypeError) as error:
+      detail = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(": ")
       raise ConfigError(f"the checkpoint in {self.directory} does not match this config's "
-                        f"optimizer state (was config.optimizer changed?): "
-                        f"{str(error).splitlines()[0]}") from None
+                        f"optimizer state (was config.optimizer changed?): {detail}; use a "
+                        "new --workdir or the config it was written with") from None
     return with_checkpoint_items(state, items)
 
   def save(self, step: int, state: TrainState) -> None:

@@ -117,3 +117,5 @@ def test_old_checkpoint_that_does_not_fit_is_refused_in_one_line(field, tmp_path
   message = str(error.value)
   assert "\n" not in message
   assert message.startswith(f"the checkpoint in {os.path.join(workdir, 'checkpoints')} {why}")
+  assert message.endswith("use a new --workdir or delete that one" if field == "model.width"
+                          else "use a new --workdir or the config it was written with"), message
