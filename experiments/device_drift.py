@@ -11,9 +11,10 @@ seed it trains three times, through jaxddp.train.train_and_evaluate with log_eve
     8 devices  shard_map    (the reference of "pmap_vs_shard_map")
     8 devices  pmap
 
-and records the largest relative difference of the train loss over the steps, read
-from each run's metrics.jsonl: max_t |loss_8(t) - loss_1(t)| / |loss_1(t)| (1v8), and
-the same between pmap and shard_map on 8 devices (pmap_vs_shard_map). Variants:
+and records the largest relative difference of the train loss over the steps (each
+run's TrainResult.train_history, logged every step):
+max_t |loss_8(t) - loss_1(t)| / |loss_1(t)| (1v8), and the same between pmap and
+shard_map on 8 devices (pmap_vs_shard_map). Variants:
 
     batch_norm           synced batch norm, two-pass variance (the default)
     batch_norm_one_pass  synced batch norm, one-pass variance E[x^2] - E[x]^2 (before
@@ -28,7 +29,6 @@ the 1-device runs train on the first of them.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -86,9 +86,8 @@ def train_losses(config) -> list[float]:
   """The train loss of every step of one run (in a temporary workdir)."""
   from jaxddp import train
   with tempfile.TemporaryDirectory(prefix="device_drift_") as workdir:
-    train.train_and_evaluate(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+    result = train.train_and_evaluate(config, workdir)
+  losses = [window["train/loss"] for window in result.train_history]
   if len(losses) != config.train.num_steps:
     raise RuntimeError(f"expected {config.train.num_steps} train losses, got {len(losses)}")
   return losses

@@ -121,8 +121,8 @@ def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
     _positive(config, field)
   for field in ("train.num_epochs", "train.num_steps", "train.eval_every",
                 "train.eval_batch_size", "optimizer.weight_decay", "optimizer.warmup_epochs",
-                "parallel.cpu_devices", "dataset.max_shift", "dataset.image_size", "distributed.num_processes",
-                "distributed.hang_timeout", "optimizer.warmup_steps", "optimizer.grad_clip_norm",
+                "parallel.cpu_devices", "dataset.max_shift", "dataset.image_size",
+                "distributed.num_processes", "distributed.hang_timeout", "optimizer.warmup_steps", "optimizer.grad_clip_norm",
                 "train.label_smoothing", "model.depth", "init_from.step",
                 "dataset.num_train_examples"):
     _positive(config, field, allow_zero=True)

@@ -65,6 +65,9 @@ class TrainResult:
   state: TrainState  # global view: arrays replicated on every device, whatever the backend
   eval_metrics: dict[str, float]  # {"loss": ..., "accuracy": ...} on the whole test split
   train_metrics: dict[str, float]  # the last logging window: {"train/loss": ..., ...}
+  # Every logging window of this call, in order, each with its "step" (a resumed run's
+  # start after the resume; metrics.jsonl holds the whole run's).
+  train_history: list[dict[str, float]]
   report: dict[str, float]  # the final report: FLOPs, sparsity, data pruning ("flops/...")
   recipe: Recipe  # the resolved recipe, as saved in config.json
   last_step: int  # steps trained (InfoBatch: fewer than recipe.total_steps)
@@ -244,6 +247,7 @@ class TrainingLoop:
                     Periodic(config.train.eval_every, self.evaluate, at_end=False),  # step 4
                     Periodic(config.train.checkpoint_every, self.checkpoint))
     self.train_metrics: dict[str, float] = {}  # the latest logging window's
+    self.train_history: list[dict[str, float]] = []  # every logging window's, with "step"
 
   def train(self, start_step: int) -> TrainResult:
     run, step = self.run, start_step
@@ -265,7 +269,8 @@ class TrainingLoop:
     seconds = time.time() - self.window.started
     self._summarise(step, report, eval_metrics, seconds)
     return TrainResult(state=run.backend.global_state(self.state), eval_metrics=eval_metrics,
-                       train_metrics=self.train_metrics, report=report, recipe=run.recipe,
+                       train_metrics=self.train_metrics, train_history=self.train_history,
+                       report=report, recipe=run.recipe,
                        last_step=step, seconds=seconds)
 
   def _run_part(self, part: pruning.Part, stop: StopSignal) -> int:
@@ -292,6 +297,7 @@ class TrainingLoop:
     self.writer.write(done, scalars)
     self.progress.update(done, scalars)
     self.train_metrics = scalars
+    self.train_history.append({"step": done, **scalars})
 
   def evaluate(self, done: int) -> None:
     run = self.run

@@ -154,6 +154,27 @@ def finished_copy(finished, tmp_path):
 # --- 1. What a run leaves in its workdir. ---
 
 
+def test_train_result_holds_what_the_workdir_holds(finished):
+  """A caller reads the run from its TrainResult, never from its files: the recipe of
+  config.json, the train windows and final report of metrics.jsonl."""
+  _, workdir, result, _ = finished
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.loads(json.dumps(result.recipe.to_dict())) == json.load(f)["recipe"]
+  records = _records(workdir)
+  windows = [r for r in records if "train/loss" in r]
+  assert result.last_step == records[-1]["step"] == STEPS
+  assert [w["step"] for w in result.train_history] == [w["step"] for w in windows]
+  for window, record in zip(result.train_history, windows):
+    assert window["train/loss"] == pytest.approx(record["train/loss"], rel=1e-12)
+  assert result.train_metrics == {k: v for k, v in result.train_history[-1].items()
+                                  if k != "step"}
+  final = {k: v for k, v in records[-1].items() if k != "step" and not k.startswith("eval/")}
+  assert result.report == pytest.approx(final, rel=1e-12)
+  assert result.eval_metrics == pytest.approx(
+      {k[len("eval/"):]: v for k, v in records[-1].items() if k.startswith("eval/")})
+  assert result.seconds > 0
+
+
 def test_config_json_holds_config_and_recipe(finished):
   config, workdir, _, _ = finished
   with open(os.path.join(workdir, "config.json")) as f:
