@@ -24,8 +24,8 @@ from typing import Callable
 
 import jax
 import ml_collections
-import optax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxddp import losses, steps

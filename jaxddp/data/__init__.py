@@ -28,10 +28,10 @@ from typing import Callable, Iterator, Protocol
 import ml_collections
 import numpy as np
 
-from jaxddp.errors import ConfigError
 from jaxddp.data import embedded
 from jaxddp.data.arrays import ArrayDataset, load_npz
 from jaxddp.data.batches import Batch, TrainBatches, eval_batches
+from jaxddp.errors import ConfigError
 from jaxddp.registry import (Registry, check_signature, first_line, is_import_path,
                              resolve_import_path)
 

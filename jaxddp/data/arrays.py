@@ -16,8 +16,8 @@ from typing import Iterator
 
 import numpy as np
 
-from jaxddp.errors import ConfigError
 from jaxddp.data.batches import Batch, TrainBatches, eval_batches
+from jaxddp.errors import ConfigError
 from jaxddp.registry import first_line
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
