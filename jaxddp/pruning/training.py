@@ -130,7 +130,7 @@ class DataPruning:
 
   Subclasses (the DYNAMIC registry) plan the run in parts from the state's tables.
   """
-  tables = ExampleTables()  # per-example tables the step keeps in state.examples
+  tables: ExampleTables  # the per-example tables the step keeps in state.examples
   schedule_position: Callable[[TrainState], jnp.ndarray] | None = None  # see optim
 
   def __init__(self, config: ml_collections.ConfigDict, dataset, recipe: Recipe,
