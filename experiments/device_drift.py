@@ -64,9 +64,13 @@ def parse_seeds(text: str) -> list[int]:
   try:
     for part in filter(None, (p.strip() for p in text.split(","))):
       first, _, last = part.partition("-")
-      seeds.extend(range(int(first), int(last or first) + 1))
+      first, last = int(first), int(last or first)
+      if last < first:
+        raise ValueError
+      seeds.extend(range(first, last + 1))
   except ValueError:
-    raise common.Error(f"--seeds={text}: give a range 0-9 or a list 0,3,5") from None
+    raise common.Error(f"--seeds={text}: give a range 0-9 (first <= last) or a list "
+                       "0,3,5") from None
   if not seeds or min(seeds) < 0:
     raise common.Error(f"--seeds={text}: give seeds >= 0")
   return list(dict.fromkeys(seeds))
