@@ -75,7 +75,7 @@ def _split(dataset, validation: int):
           make(dataset.train_x[keep:], dataset.train_y[keep:], f"{dataset.name}[{keep}:]"))
 
 
-def _check_workdir(workdir: str, config, training) -> None:
+def _check_workdir(workdir: str, config, training, flag: str) -> None:
   """Refuses a run made with another config, or on other examples: resuming it would
   train further on a schedule that is not this one's."""
   from jaxddp import train
@@ -91,8 +91,8 @@ def _check_workdir(workdir: str, config, training) -> None:
     changes.insert(0, f"it trained on {trained_on} examples, not the first "
                       f"{training.num_train_examples}")
   if changes:
-    raise Error(f"{workdir} holds another run ({changes[0]}); give another --out or "
-                "--cheap_workdir / --large_workdir")
+    raise Error(f"{flag}={workdir} holds another run ({changes[0]}); give another --out or "
+                f"{flag}")
 
 
 def _logits(config, state, dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -116,7 +116,6 @@ class Model:
     from jaxddp import scaling, train
     from jaxddp.state import local_value
     config = _model_config(base, width)
-    _check_workdir(workdir, config, training)
     result = train.train_and_evaluate(config, workdir, dataset=training)
     state = jax.tree.map(local_value, result.state)
     self.width, self.workdir = width, workdir
@@ -156,17 +155,40 @@ def plot(rows: list[dict], summary: dict, path: str) -> None:
   plt.close(fig)
 
 
+def _workdirs(out: str) -> dict[str, str]:
+  """{"cheap": ..., "large": ...}: the flags' or OUT/cheap and OUT/large, checked to be
+  usable and distinct before anything trains."""
+  from jaxddp.workdir import checked
+  flags_given = {"cheap": _CHEAP_WORKDIR.value, "large": _LARGE_WORKDIR.value}
+  out = checked(out, "--out")
+  workdirs = {name: checked(given, f"--{name}_workdir") if given is not None else
+              os.path.join(out, name) for name, given in flags_given.items()}
+  if os.path.abspath(workdirs["cheap"]) == os.path.abspath(workdirs["large"]):
+    raise Error(f"--cheap_workdir and --large_workdir are both {workdirs['cheap']}; the two "
+                "models need a directory each")
+  return workdirs
+
+
 def run(cheap_width: int, large_width: int, validation: int) -> None:
-  from jaxddp import cascade, data
+  from jaxddp import cascade, data, scaling
   from jaxddp import config as config_lib
   base, out = _CONFIG.value, _OUT.value
   config_lib.validate(base)
-  os.makedirs(out, exist_ok=True)
   training, held_out = _split(data.load_dataset(base), validation)
-  cheap = Model(base, cheap_width, _CHEAP_WORKDIR.value or os.path.join(out, "cheap"), training,
-                held_out)
-  large = Model(base, large_width, _LARGE_WORKDIR.value or os.path.join(out, "large"), training,
-                held_out)
+  workdirs = _workdirs(out)
+  flops = {name: scaling.model_cost(_model_config(base, width), training.input_shape,
+                                    training.num_classes).forward_flops
+           for name, width in (("cheap", cheap_width), ("large", large_width))}
+  if flops["cheap"] >= flops["large"]:
+    raise Error(f"--cheap_width={cheap_width} costs {flops['cheap'] / 1e6:.3f} MFLOPs per "
+                f"example, not less than --large_width={large_width} "
+                f"({flops['large'] / 1e6:.3f}): the cheap model must be the smaller one")
+  for name, workdir in workdirs.items():
+    _check_workdir(workdir, _model_config(base, cheap_width if name == "cheap" else large_width),
+                   training, f"--{name}_workdir")
+  os.makedirs(out, exist_ok=True)
+  cheap = Model(base, cheap_width, workdirs["cheap"], training, held_out)
+  large = Model(base, large_width, workdirs["large"], training, held_out)
   thresholds = [*np.linspace(0.0, 1.0, _THRESHOLDS.value + 1), 1.01]
   sweeps = {split: cascade.sweep(getattr(cheap, f"{split}_logits"),
                                  getattr(large, f"{split}_logits"),

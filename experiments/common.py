@@ -21,32 +21,38 @@ class Error(Exception):
   """A mistake in the flags or files: printed as one line, exit status 2."""
 
 
-def run(script: str, body: Callable[[], None]) -> None:
-  """Runs body() as the script's main, after absl has parsed the flags.
+def run(script: str, body: Callable[[], None], required: tuple[str, ...] = ()) -> None:
+  """Runs body() as the script's main, after the flags are parsed.
 
-  An Error or ConfigError becomes `SCRIPT: error: ...` (exit 2), an interrupt (Ctrl-C,
-  or a signal that stopped a run after its checkpoint) a line saying so (exit 130):
-  a user needs the one line, not a traceback. Libraries' INFO lines are not shown.
+  A bad flag (a value of the wrong type, an unknown --config.x field, a config file that
+  does not load, a missing `required` flag), an Error or a ConfigError becomes
+  `SCRIPT: error: ...` (exit 2), a run that diverged (NaN or Inf) the same line with
+  exit 1, an interrupt (Ctrl-C, or a signal that stopped a run after its checkpoint) a
+  line saying so (exit 130): a user needs the one line, not a traceback. Libraries'
+  INFO lines are not shown.
   """
   from absl import app, logging
 
-  def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # absl.app would show every library's INFO lines
-    guarded(script, body)
-
-  app.run(main)
+  from jaxddp.command_line import parse_flags
+  if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in sys.argv[1:]):
+    app.run(lambda argv: None)  # absl prints the flags' help and exits
+  parse_flags(sys.argv, script, required)
+  logging.set_verbosity(logging.WARNING)  # else every library's INFO lines show
+  guarded(script, body)
 
 
 def guarded(script: str, body: Callable[[], None]) -> None:
   """body() with run's handling of errors and interrupts (without absl: for tests)."""
   from jaxddp.config import ConfigError
-  from jaxddp.train import TrainingInterrupted
+  from jaxddp.train import NonFiniteLossError, TrainingInterrupted
   try:
     body()
   except (Error, ConfigError) as error:
     print(f"{script}: error: {error}", file=sys.stderr)
     sys.exit(2)
+  except NonFiniteLossError as error:  # a run of the sweep diverged: as jaxddp.main says it
+    print(f"{script}: error: {error}", file=sys.stderr)
+    sys.exit(1)
   except (KeyboardInterrupt, TrainingInterrupted):
     print(f"{script}: interrupted; the finished runs are kept, and the same command "
           "continues", file=sys.stderr)

@@ -403,7 +403,7 @@ def _numbers(flag: str, values: list[str], kind, low: float) -> list:
 
 def _check_settings(out: str, settings: dict) -> None:
   """Refuses an --out whose runs were made with another config or pool: their rows
-  would otherwise be taken for this one's."""
+  would otherwise be taken for this one's. Writes nothing (see _save_settings)."""
   path = os.path.join(out, "settings.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -416,9 +416,16 @@ def _check_settings(out: str, settings: dict) -> None:
     if changed:
       shown = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:3])
       raise Error(f"{out} holds runs made with other settings ({shown}); use another --out")
+
+
+def _save_settings(out: str, settings: dict) -> None:
+  """Records what the runs in --out are made with, once every check has passed (a
+  refused command leaves nothing that would refuse the next)."""
   os.makedirs(out, exist_ok=True)
-  with open(path, "w") as f:
+  path = os.path.join(out, "settings.json")
+  with open(path + ".tmp", "w") as f:
     json.dump(settings, f, indent=1)
+  os.replace(path + ".tmp", path)
 
 
 def run(budgets: list[float], widths: list[int], seeds: list[int], check_seeds: list[int],
@@ -427,11 +434,13 @@ def run(budgets: list[float], widths: list[int], seeds: list[int], check_seeds: 
   from jaxddp import config as config_lib
   base = _CONFIG.value
   config_lib.validate(base)
-  _check_settings(_OUT.value, {"config": base.to_dict(), "pool_examples": pool_examples})
+  recorded = {"config": base.to_dict(), "pool_examples": pool_examples}
+  _check_settings(_OUT.value, recorded)
   exp = Experiment(base, _OUT.value, pool_examples)
   pairs = sweep_plan(exp, budgets, widths, min_steps, max_examples)
   if not pairs:
     raise Error("no (budget, width) fits --min_steps and --max_examples: see the plan above")
+  _save_settings(_OUT.value, recorded)
   # A whole sweep per seed: an interrupted experiment has whole seeds.
   todo = [(b, w, seed) for seed in seeds for b, w in pairs
           if not exp.results.done(("sweep", b, w, seed))]
@@ -452,6 +461,24 @@ def run(budgets: list[float], widths: list[int], seeds: list[int], check_seeds: 
         f"{os.path.join(_OUT.value, 'isoflop.png')}")
 
 
+def _check_flags(settings: dict) -> None:
+  """Every flag of a sweep, before the first run trains: a bad one found after the sweep
+  would waste it."""
+  from jaxddp import scaling
+  if not settings["window"] > 0:
+    raise Error(f"--window={settings['window']}: must be above 0 (decades of N)")
+  for name in ("min_steps", "max_examples", "pool_examples", "bootstraps",
+               "surface_bootstraps"):
+    if settings[name] < 1:
+      raise Error(f"--{name}={settings[name]}: must be at least 1")
+  factor = _CHECK_FACTOR.value
+  if _CHECK.value and not (math.isfinite(factor) and
+                           1 / scaling.MAX_EXTRAPOLATION <= factor <= scaling.MAX_EXTRAPOLATION):
+    raise Error(f"--check_factor={factor:g}: the check's budget must be within "
+                f"{scaling.MAX_EXTRAPOLATION:g}x of the largest fitted budget, so between "
+                f"{1 / scaling.MAX_EXTRAPOLATION:g} and {scaling.MAX_EXTRAPOLATION:g}")
+
+
 def main() -> None:
   if _FIT.value or _PREDICT.value is not None:
     if not (_FIT.value and _PREDICT.value is not None):
@@ -465,8 +492,7 @@ def main() -> None:
       seeds=_numbers("seeds", _SEEDS.value, int, 0), min_steps=_MIN_STEPS.value,
       max_examples=_MAX_EXAMPLES.value, pool_examples=_POOL.value, window=_WINDOW.value,
       bootstraps=_BOOTSTRAPS.value, surface_bootstraps=_SURFACE_BOOTSTRAPS.value)
-  if not settings["window"] > 0:
-    raise Error(f"--window={settings['window']}: must be above 0 (decades of N)")
+  _check_flags(settings)
   if _QUICK.value:  # these replace the flags of the same names
     _CONFIG.value.train.batch_size = 32
     settings.update(budgets=[1e8, 2e8], widths=[2, 4, 8], min_steps=4, max_examples=8000,

@@ -221,6 +221,18 @@ def agree_any(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
+def leader_text(text: str, size: int = 512) -> str:
+  """Process 0's `text` (up to `size` UTF-8 bytes) on every process (a collective)."""
+  if jax.process_count() == 1:
+    return text
+  from jax.experimental import multihost_utils
+  encoded = np.zeros(size, np.uint8)
+  raw = text.encode()[:size]
+  encoded[:len(raw)] = np.frombuffer(raw, np.uint8)
+  shared = np.asarray(multihost_utils.broadcast_one_to_all(encoded))
+  return bytes(shared.astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
+
+
 class Watchdog:
   """Ends the process with a message if `pet()` is not called for `timeout` seconds.
 

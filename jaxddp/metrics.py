@@ -35,16 +35,25 @@ class SumCounter:
 
 
 class MetricWriter:
-  """Writes scalars to workdir/metrics.jsonl and TensorBoard; silent off process 0."""
+  """Writes scalars to workdir/metrics.jsonl and TensorBoard; silent off process 0.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  A run resumed at `start_step` redoes the steps after its checkpoint, which a killed run
+  may have logged already: those lines are dropped from metrics.jsonl first, and
+  TensorBoard is told to drop their events (purge_step), so every step has one value.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
     self.enabled = enabled
     self._jsonl: TextIO | None = None
     self._tensorboard = None
     if enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      if start_step and os.path.exists(path):
+        _keep_up_to(path, start_step)
+      self._jsonl = open(path, "a")
       from tensorboardX import SummaryWriter
-      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                        purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
@@ -59,6 +68,23 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tensorboard.close()
+
+
+def _keep_up_to(path: str, step: int) -> None:
+  """Rewrites a metrics.jsonl (atomically) with only its lines of steps <= `step` (and
+  without a line cut short by a kill)."""
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict) and record.get("step", 0) <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
 
 
 class Progress:

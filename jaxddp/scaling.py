@@ -358,10 +358,34 @@ class Fit:
                 for name in needs if name not in fields[part]]
     if missing:
       raise ValueError(f"not a compute-optimal fit: no {', '.join(missing)}")
-    return cls(budgets=[float(b) for b in fields["budgets"]],
-               batch_size=int(fields["batch_size"]), family=Family(**fields["family"]),
-               isoflop=fields["isoflop"], surface=fields["surface"],
-               about={k: v for k, v in fields.items() if k not in names})
+    fit = cls(budgets=[float(b) for b in fields["budgets"]],
+              batch_size=int(fields["batch_size"]), family=Family(**fields["family"]),
+              isoflop=fields["isoflop"], surface=fields["surface"],
+              about={k: v for k, v in fields.items() if k not in names})
+    problem = fit._impossible()
+    if problem:
+      raise ValueError(f"not a usable compute-optimal fit: {problem}")
+    return fit
+
+  def _impossible(self) -> str:
+    """What makes the fit's numbers impossible ("" if nothing): no positive budgets, a
+    batch below 1, a surface whose E, A or B is negative or exponents not positive."""
+    finite = lambda *values: all(isinstance(v, (int, float)) and math.isfinite(v)
+                                 for v in values)
+    if not self.budgets or not all(finite(b) and b > 0 for b in self.budgets):
+      return f"budgets {self.budgets} must be positive numbers of FLOPs"
+    if self.batch_size < 1:
+      return f"batch_size {self.batch_size} must be at least 1"
+    s, iso = self.surface, self.isoflop
+    if not finite(s["E"], s["A"], s["B"], s["alpha"], s["beta"]):
+      return "the loss surface has a non-finite parameter"
+    if min(s["E"], s["A"], s["B"]) < 0 or min(s["alpha"], s["beta"]) <= 0:
+      return (f"the loss surface E={s['E']:.4g}, A={s['A']:.4g}, B={s['B']:.4g}, "
+              f"alpha={s['alpha']:.4g}, beta={s['beta']:.4g} must have E, A, B >= 0 and "
+              "alpha, beta > 0")
+    if not finite(iso["a"], iso["log10_k_params"]):
+      return "the IsoFLOP power law has a non-finite parameter"
+    return ""
 
   def save(self, path: str) -> None:
     """Writes the JSON form to `path` atomically: a reader sees the old fit or the new."""
@@ -395,10 +419,16 @@ class Fit:
     params = round(params)  # a count: the quadratic is exact for the built-in models
     examples = examples_for_budget(budget, train_flops, self.batch_size)
     losses = [surface_loss(s, params, examples) for s in surface["bootstrap"]]
+    loss = float(surface_loss(surface, params, examples))
+    if examples < self.batch_size or not math.isfinite(loss):
+      raise BudgetOutOfRange(
+          f"for a budget of {budget:.3g} FLOPs the fit plans width {width} (N={params}), which "
+          f"leaves {examples} examples ({examples // self.batch_size} steps of "
+          f"{self.batch_size}) and an expected loss of {loss:.4g}; the fit cannot plan this "
+          "budget")
     return {"budget": budget, "params_optimal": optimum, "params_interval": interval(draws),
             "width": width, "width_interval": [family.width_for(n) if math.isfinite(n)
                                                else None for n in interval(draws)],
             "params": params, "train_flops_per_example": train_flops, "examples": examples,
             "steps": examples // self.batch_size, "batch_size": self.batch_size,
-            "loss": float(surface_loss(surface, params, examples)),
-            "loss_interval": interval(losses)}
+            "loss": loss, "loss_interval": interval(losses)}

@@ -12,7 +12,15 @@ grand share theirs, a changed config trains new ones), so a killed scoring job
 resumes them. Train on a subset with
 --config.data_pruning.scores=workdir/scores/<score>.npy.
 
-The same command on 1 device, 8 devices or several processes gives the same scores.
+Across device counts: scoring a fixed model gives the same scores on 1 device, 8 devices
+or several processes (no training, score_epochs=0: bit-identical, a difference of 0.0).
+Scores of trained runs (el2n, grand after training, forgetting) inherit training's float32
+drift between device counts, which grows over the epochs: with the default config, EL2N
+moved single examples by up to 39% between 1 and 2 devices (rank correlation 0.9987; 23 of
+the 2000 examples kept at keep_fraction 0.5 differ), and by up to 0.34 of a [0, 1.41] range
+between 1 and 4 devices after one epoch (Spearman 0.995). The ranking is stable; single
+scores are not. To compare scorings exactly, use one device count and one backend, or
+one scores file (docs/numerics.md, "EL2N scores across device counts").
 """
 
 from __future__ import annotations
@@ -30,11 +38,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxddp import checkpoint, evaluate, losses, train
+from jaxddp import checkpoint, distributed, evaluate, losses, train
 from jaxddp.default_config import get_config
 from jaxddp.errors import ConfigError
 from jaxddp.pruning.scores import SCORES
 from jaxddp.state import local_value
+from jaxddp.workdir import Lock as WorkdirLock
+from jaxddp.workdir import checked as checked_workdir
 
 
 class Scoring:
@@ -75,10 +85,11 @@ class Scoring:
       state = train.setup(config, **self.given).state
       self.runs[label] = {"seed": seed, "epochs": 0}
       return jax.tree.map(local_value, self.run.backend.global_state(state))
-    # Named by everything that makes the run (a digest of its config and of the objects
-    # given), so a changed config never resumes an old run.
-    workdir = os.path.join(self.workdir, "score_runs",
-                           f"{label}_epochs{epochs:g}_{_digest(config, self.given)}")
+    # Named by everything that makes the run (a digest of its config, of the objects
+    # given and of the data's fingerprint), so a changed config or other data never
+    # resumes an old run.
+    workdir = os.path.join(self.workdir, "score_runs", f"{label}_epochs{epochs:g}_"
+                           f"{_digest(config, self.given, self.run.data_identity)}")
     self._say(f"training {label} for {epochs:g} epochs in {workdir}")
     result = train.train_and_evaluate(config, workdir, **self.given)
     self.runs[label] = {"seed": seed, "epochs": epochs, "workdir": workdir,
@@ -124,9 +135,10 @@ class _Progress:
 _SCORING_ONLY = ("score", "num_runs", "score_epochs", "num_clusters", "chunk_size")
 
 
-def _digest(config: ml_collections.ConfigDict, given: dict[str, Any]) -> str:
+def _digest(config: ml_collections.ConfigDict, given: dict[str, Any],
+            data_identity: dict[str, str]) -> str:
   described = {name: train.describe(value) for name, value in given.items()}
-  text = json.dumps([config.to_dict(), described], sort_keys=True, default=str)
+  text = json.dumps([config.to_dict(), described, data_identity], sort_keys=True, default=str)
   return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
@@ -139,28 +151,31 @@ def score(config: ml_collections.ConfigDict, workdir: str, **given: Any) -> np.n
   workdir/scores/<score>.npy and .json; returns the scores. `given`: model=, dataset=,
   loss_fn= as for jaxddp.train_and_evaluate."""
   name = config.data_pruning.score
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir={workdir} is a file; give a directory")
+  workdir = checked_workdir(workdir)
   started = time.time()
   scoring = Scoring(config, workdir, **given)
-  values, details = SCORES[name](scoring)
-  values = np.asarray(values, np.float32)
-  seconds = time.time() - started
-  info = {"score": name, "higher_is": "harder", "num_examples": int(len(values)),
-          "dataset": config.dataset.name, "model": config.model.name, **details,
-          "runs": scoring.runs, "seconds": round(seconds, 2),
-          "devices": len(scoring.run.devices), "processes": jax.process_count()}
-  if jax.process_index() == 0:
-    directory = os.path.join(workdir, "scores")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"{name}.npy")
-    np.save(path + ".tmp.npy", values)
-    os.replace(path + ".tmp.npy", path)
-    with open(os.path.join(directory, f"{name}.json"), "w") as f:
-      json.dump(info, f, indent=2, default=str)
-    print(f"jaxddp.score: {name} of {len(values)} examples in {seconds:.1f}s -> {path} "
-          f"(mean {values.mean():.4g}, min {values.min():.4g}, max {values.max():.4g})",
-          flush=True)
+  with WorkdirLock(workdir, is_leader=jax.process_index() == 0, agree=distributed.leader_text):
+    values, details = SCORES[name](scoring)
+    values = np.asarray(values, np.float32)
+    seconds = time.time() - started
+    info = {"score": name, "higher_is": "harder", "num_examples": int(len(values)),
+            "dataset": config.dataset.name, "data": scoring.run.data_identity["dataset"],
+            "model": config.model.name, **details,
+            "runs": scoring.runs, "seconds": round(seconds, 2),
+            "devices": len(scoring.run.devices), "processes": jax.process_count()}
+    if jax.process_index() == 0:
+      directory = os.path.join(workdir, "scores")
+      os.makedirs(directory, exist_ok=True)
+      path = os.path.join(directory, f"{name}.npy")
+      np.save(path + ".tmp.npy", values)
+      os.replace(path + ".tmp.npy", path)
+      info_path = os.path.join(directory, f"{name}.json")
+      with open(info_path + ".tmp", "w") as f:
+        json.dump(info, f, indent=2, default=str)
+      os.replace(info_path + ".tmp", info_path)
+      print(f"jaxddp.score: {name} of {len(values)} examples in {seconds:.1f}s -> {path} "
+            f"(mean {values.mean():.4g}, min {values.min():.4g}, max {values.max():.4g})",
+            flush=True)
   return values
 
 

@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterator
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 
 from jaxddp import checkpoint, data, distributed, losses, models, optim, parallel, pruning
 from jaxddp import sparsity
@@ -39,6 +38,8 @@ from jaxddp.evaluate import evaluate
 from jaxddp.metrics import MetricWriter, Progress, SumCounter, format_recipe
 from jaxddp.recipe import Recipe, resolve
 from jaxddp.state import TrainState, create_train_state, local_value, total_flops
+from jaxddp.workdir import Lock as WorkdirLock
+from jaxddp.workdir import checked as checked_workdir
 
 
 class TrainingInterrupted(Exception):
@@ -51,7 +52,7 @@ class TrainingInterrupted(Exception):
 
 
 class NonFiniteLossError(Exception):
-  """The training loss became NaN or Inf; the last good checkpoint is kept.
+  """The training loss became NaN or Inf; the last good checkpoint, if any, is kept.
 
   `recipe` is the run's resolved recipe (set on the way out of train_and_evaluate).
   """
@@ -87,6 +88,9 @@ class Setup:
   data_pruning: pruning.DataPruning  # none, a static subset, or InfoBatch's epochs
   state: TrainState  # freshly initialised, placed on the devices
   given: dict[str, str]  # what was passed as an object instead of named in the config
+  # What the run trains on, kept in config.json and checked on resume: the dataset's
+  # fingerprint (jaxddp.data.fingerprint) and, for a static subset, the scores file's digest.
+  data_identity: dict[str, str]
 
   def train_batches(self, start_step: int) -> Iterator[dict]:
     """This process's part of the training batch of each step from start_step on (of
@@ -113,7 +117,11 @@ def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
   else:
     data.check_dataset(dataset, "train_and_evaluate(dataset=...)")
   pruning.check_dataset(config, dataset)
-  kept = pruning.kept_examples(config, dataset)  # a static subset (data pruning) or None
+  data_identity = {"dataset": data.fingerprint(dataset)}
+  if config.data_pruning.scores:
+    data_identity["scores"] = pruning.scores_digest(config.data_pruning.scores)
+  # A static subset (data pruning) or None.
+  kept = pruning.kept_examples(config, dataset, data_identity["dataset"])
   recipe = resolve(config, num_train_examples=dataset.num_train_examples if kept is None else
                    len(kept), num_test_examples=dataset.num_test_examples,
                    num_devices=len(devices), num_processes=jax.process_count())
@@ -131,7 +139,7 @@ def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
   state = sparse.initialize(create_train_state(model, tx, dataset.input_shape, config.seed))
   state = state.replace(examples=data_pruning.initial_tables())
   return Setup(config, devices, dataset, recipe, model, backend, sparse, data_pruning,
-               backend.put_state(state), given)
+               backend.put_state(state), given, data_identity)
 
 
 def _model(config: ml_collections.ConfigDict, model: nn.Module | None,
@@ -160,35 +168,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   "Your own model and data".
   """
   # --- 1. Set up: every user error surfaces here, before anything compiles or is written.
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir={workdir} is a file; give a directory")
+  workdir = checked_workdir(workdir)
   run = setup(config, model=model, dataset=dataset, loss_fn=loss_fn)
   backend, state = run.backend, run.state
-  resuming = checkpoint.has_checkpoint(workdir)
-  source = None
-  if config.init_from.workdir and not resuming:
-    source = checkpoint.InitSource(config.init_from, backend.global_state(state))
 
   # --- 2. Start: resume, or start from another run's weights, or from the initialisation.
-  checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)  # creates the workdir
+  # A run to resume is read before the workdir is held: one on other data, or a checkpoint
+  # of another model or optimizer, is refused with nothing in the workdir written.
+  resuming = checkpoint.has_checkpoint(workdir)
+  checkpointer, source = None, None
   if resuming:
-    state = backend.put_state(checkpointer.restore_latest(backend.global_state(state)))
-  elif source:
-    # The sparsity method then applies to the loaded weights (random masks prune them).
-    state = backend.put_state(run.sparsity.initialize(source.load(backend.global_state(state))))
-  start_step = int(local_value(backend.global_state(state).step))
-  progress = Progress(run.recipe.total_steps, start_step, enabled=jax.process_index() == 0)
-  if jax.process_index() == 0:
-    _announce(run, workdir, progress, start_step, source)
+    _check_same_data(workdir, run)
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)  # it exists
+    try:
+      state = backend.put_state(checkpointer.restore_latest(backend.global_state(state)))
+    except BaseException:
+      checkpointer.close()
+      raise
+  elif config.init_from.workdir:
+    source = checkpoint.InitSource(config.init_from, backend.global_state(state))
+  # From here on the workdir is held, by one run at a time.
+  with WorkdirLock(workdir, is_leader=jax.process_index() == 0, agree=distributed.leader_text):
+    if checkpointer is None:
+      checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)  # creates the workdir
+    if source:
+      # The sparsity method then applies to the loaded weights (random masks prune them).
+      state = backend.put_state(
+          run.sparsity.initialize(source.load(backend.global_state(state))))
+    start_step = int(local_value(backend.global_state(state).step))
+    progress = Progress(run.recipe.total_steps, start_step, enabled=jax.process_index() == 0)
+    if jax.process_index() == 0:
+      _announce(run, workdir, progress, start_step, source)
 
-  # --- 3. Train, and 4. evaluate on every test example.
-  loop = TrainingLoop(run, state, checkpointer, progress,
-                      MetricWriter(workdir, enabled=jax.process_index() == 0))
+    # --- 3. Train, and 4. evaluate on every test example.
+    loop = TrainingLoop(run, state, checkpointer, progress,
+                        MetricWriter(workdir, enabled=jax.process_index() == 0,
+                                     start_step=start_step))
+    try:
+      return loop.train(start_step)
+    except NonFiniteLossError as error:
+      error.recipe = run.recipe
+      raise
+
+
+def _check_same_data(workdir: str, run: Setup) -> None:
+  """Refuses to resume a run on data other than it started on (config.json's "data"): a
+  dataset with another fingerprint, or a scores file changed under a static subset."""
   try:
-    return loop.train(start_step)
-  except NonFiniteLossError as error:
-    error.recipe = run.recipe
-    raise
+    with open(os.path.join(workdir, "config.json")) as f:
+      before = json.load(f).get("data")
+  except (OSError, ValueError, AttributeError):
+    return  # written by a jaxddp that did not record its data: nothing to compare
+  if not isinstance(before, dict):
+    return
+  now = run.data_identity
+  if before.get("dataset", now["dataset"]) != now["dataset"]:
+    raise ConfigError(f"--workdir={workdir} holds a run on other data ({before['dataset']}); "
+                      f"this run's data is {now['dataset']}; use a new --workdir")
+  if before.get("scores", now.get("scores")) != now.get("scores"):
+    raise ConfigError(f"config.data_pruning.scores={run.config.data_pruning.scores!r} changed "
+                      f"since this workdir's run started ({before['scores']} -> "
+                      f"{now.get('scores')}), which would change its subset mid-run; restore "
+                      "that file or use a new --workdir")
 
 
 def _announce(run: Setup, workdir: str, progress: Progress, start_step: int,
@@ -196,7 +237,7 @@ def _announce(run: Setup, workdir: str, progress: Progress, start_step: int,
   """Saves config.json and prints the recipe, what changed since the workdir's last run,
   and where training starts from."""
   changes = config_changes(workdir, run.config, run.given)
-  _save_config(workdir, run.config, run.recipe, run.given)
+  _save_config(workdir, run)
   progress.print(f"jaxddp: {run.backend.name} on {run.recipe.num_devices} "
                  f"{run.devices[0].platform} device(s), {run.recipe.num_processes} "
                  f"process(es)\nresolved recipe:\n{format_recipe(run.recipe.to_dict())}")
@@ -368,9 +409,11 @@ class StepsInFlight:
         what = (f"the training loss is {metrics['loss_sum'] / metrics['count']}"
                 if not math.isfinite(metrics["loss_sum"]) else
                 "the parameters or batch-norm statistics became NaN or Inf")
-        raise NonFiniteLossError(
-            f"{what} at step {step + 1}; stopping (the last good checkpoint in "
-            f"{self.checkpoint_directory} is kept; try a lower config.optimizer.learning_rate)")
+        kept = (f"the last good checkpoint in {self.checkpoint_directory} is kept"
+                if checkpoint.has_checkpoint(os.path.dirname(self.checkpoint_directory)) else
+                "no checkpoint was written before it")
+        raise NonFiniteLossError(f"{what} at step {step + 1}; stopping ({kept}; try a lower "
+                                 "config.optimizer.learning_rate)")
       self.on_checked(metrics)
 
 
@@ -478,12 +521,13 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict,
           if name not in before or name not in now or before[name] != now[name]]
 
 
-def _save_config(workdir: str, config: ml_collections.ConfigDict, recipe: Recipe,
-                 given: dict[str, str]) -> None:
+def _save_config(workdir: str, run: Setup) -> None:
   """Writes workdir/config.json atomically: the config, what was passed to
-  train_and_evaluate as objects instead of named in it, and the resolved recipe."""
+  train_and_evaluate as objects instead of named in it, the data it trains on (checked
+  on resume) and the resolved recipe."""
+  config, recipe = run.config, run.recipe
   path = os.path.join(workdir, "config.json")
   with open(path + ".tmp", "w") as f:
-    json.dump({"config": config.to_dict(), "given": given, "recipe": recipe.to_dict()}, f,
-              indent=2, default=str)
+    json.dump({"config": config.to_dict(), "given": run.given, "data": run.data_identity,
+               "recipe": recipe.to_dict()}, f, indent=2, default=str)
   os.replace(path + ".tmp", path)

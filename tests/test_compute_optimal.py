@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -178,6 +179,24 @@ def test_compute_optimal_quick_uses_the_flops_the_runs_report(tmp_path):
   assert refused.stderr.strip().splitlines() == [
       "compute_optimal.py: error: a budget of 3e+10 FLOPs is more than 100x outside the fitted "
       "budgets (1e+08 to 2e+08); the fit cannot say"]
+  # Within 100x, but the planned width leaves no step to train (issue 22: it printed
+  # "0 examples, 0 steps; expected test loss inf" with exit 0).
+  degenerate = _run(["-m", "experiments.compute_optimal", f"--fit={tmp_path}/fit.json",
+                     "--predict=1e10"], timeout=120)
+  assert degenerate.returncode == 2, degenerate.stderr
+  (line,) = degenerate.stderr.strip().splitlines()
+  assert line.startswith("compute_optimal.py: error: for a budget of 1e+10 FLOPs the fit plans "
+                         "width "), line
+  assert line.endswith(" the fit cannot plan this budget"), line
+  # A fit whose numbers are impossible is refused when it is read.
+  for part, field, value, why in (("", "batch_size", 0, "batch_size 0 must be at least 1"),
+                                  ("surface", "E", -1.0, "must have E, A, B >= 0")):
+    broken = dict(fit, **({part: dict(fit[part], **{field: value})} if part else
+                          {field: value}))
+    path = tmp_path / f"broken_{field}.json"
+    path.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=re.escape(why)):
+      scaling.Fit.load(str(path))
 
 
 def test_cascade_quick_routes_every_test_example_to_one_model(tmp_path):

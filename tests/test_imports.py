@@ -27,10 +27,12 @@ LAYERS = (
     ("models", "data"),  # the model and dataset registries and their entries
     ("pruning",),  # data pruning: scores, selection, the per-example tables, InfoBatch
     ("steps",),  # one training step, one evaluation step (pure functions)
-    ("parallel", "checkpoint", "distributed"),  # backends, checkpoints, multi-host
+    # backends, checkpoints, multi-host, the run's directory (held by one run at a time)
+    ("parallel", "checkpoint", "distributed", "workdir"),
     ("evaluate",),  # whole-split evaluation and per-example outputs
     ("config",),  # validation of a whole config against every registry
     ("train",),  # the run, top to bottom
+    ("command_line",),  # flags parsed with one-line errors, for every command line
     ("main", "score"),  # command lines
     ("scaling", "cascade"),  # planning from finished runs
     ("__init__",),  # the public API

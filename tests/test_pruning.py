@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, make_tiny_config
-from jaxddp import evaluate, parallel, pruning, steps, train
+from jaxddp import evaluate, parallel, pruning, train
 from jaxddp.config import ConfigError, resolve
 from jaxddp.data import ArrayDataset
 from jaxddp.pruning import ExampleTables, scores, select
@@ -406,7 +406,7 @@ def test_score_runs_are_shared_by_scores_and_renewed_by_a_changed_config():
       section, name = field.split(".")
       config[section][name] = value
     run_config = score.Scoring._run_config(types.SimpleNamespace(config=config), 3, 2.0)
-    return score._digest(run_config, {})
+    return score._digest(run_config, {}, {"dataset": "the same data"})
   el2n = workdir_name(**{"data_pruning.score": "el2n", "data_pruning.num_runs": 4})
   assert workdir_name(**{"data_pruning.score": "grand", "data_pruning.chunk_size": 4}) == el2n
   assert workdir_name(**{"optimizer.learning_rate": 0.05}) != el2n

@@ -36,7 +36,7 @@ from jaxddp.registry import (Registry, check_signature, first_line, is_import_pa
                              resolve_import_path)
 
 __all__ = ["ArrayDataset", "Batch", "DATASETS", "Dataset", "TrainBatches", "eval_batches",
-           "load_dataset", "prefetch_to_device", "register"]
+           "fingerprint", "load_dataset", "prefetch_to_device", "register"]
 
 
 class Dataset(Protocol):
@@ -135,6 +135,18 @@ def check_dataset(dataset: object, what: str) -> None:
     raise ConfigError(f"{what} gave a {type(dataset).__name__}, which is not a Dataset: it has "
                       f"no {', '.join(missing)} (see jaxddp.data.Dataset, or wrap arrays in "
                       "jaxddp.data.ArrayDataset)")
+
+
+def fingerprint(dataset: Dataset) -> str:
+  """What identifies a dataset's examples, so that a run, or scores, made on other data are
+  never taken for this one's: its `fingerprint()` if it has one (ArrayDataset: a digest
+  of the arrays; tfds: the name, version, splits and sizes), else its class and sizes."""
+  own = getattr(dataset, "fingerprint", None)
+  if callable(own):
+    return str(own())
+  kind = type(dataset)
+  return (f"{kind.__module__}:{kind.__qualname__} with {dataset.num_train_examples} training "
+          f"and {dataset.num_test_examples} test examples")
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:

@@ -10,6 +10,7 @@ Bad arrays fail when the dataset is built, with one line (a ConfigError).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import zipfile
 from typing import Iterator
@@ -53,7 +54,17 @@ def _labels(what: str, y, num_examples: int, x_what: str) -> np.ndarray:
   if (y < 0).any():
     raise ConfigError(f"{what} holds the label {int(y.min())} (example {int(np.argmin(y))}); "
                       "labels must be in [0, num_classes)")
+  if len(y) and y.max() > _LARGEST_LABEL:  # checked before the cast to int32, which wraps
+    raise ConfigError(f"{what} holds the label {int(y.max())} (example {int(np.argmax(y))}); "
+                      f"labels are class indices, at most {_LARGEST_LABEL}")
   return y.astype(np.int32)
+
+
+# 16.8 million classes, the largest integer float32 holds exactly (labels may come as
+# floats). A larger label is a corrupted one, not a class: int32 would wrap it, and a
+# head and one-hot targets that wide would not fit a device (1e8 classes: 51 GB of
+# targets for a batch of 128).
+_LARGEST_LABEL = 2**24
 
 
 def checked_arrays(train_x, train_y, test_x, test_y, num_classes=None, *,
@@ -100,12 +111,27 @@ class ArrayDataset:
   num_classes: int | None = None
   name: str = "arrays"
   max_shift: int = 0  # training augmentation of 1-D signals (config.dataset.max_shift)
+  _fingerprint: str = dataclasses.field(default="", init=False, repr=False, compare=False)
 
   def __post_init__(self):
     checked = checked_arrays(self.train_x, self.train_y, self.test_x, self.test_y,
                              self.num_classes)
     for field, value in zip(("train_x", "train_y", "test_x", "test_y", "num_classes"), checked):
       object.__setattr__(self, field, value)
+
+  def fingerprint(self) -> str:
+    """A digest of the four arrays (as checked: float32 inputs, int32 labels) and
+    num_classes: equal exactly when the examples are (jaxddp.data.fingerprint)."""
+    if not self._fingerprint:
+      digest = hashlib.sha1(str(self.num_classes).encode())
+      for array in (self.train_x, self.train_y, self.test_x, self.test_y):
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+      object.__setattr__(self, "_fingerprint",
+                         f"arrays of {self.num_train_examples} training and "
+                         f"{self.num_test_examples} test examples, sha1 "
+                         f"{digest.hexdigest()[:16]}")
+    return self._fingerprint
 
   @property
   def input_shape(self) -> tuple[int, ...]:
@@ -147,6 +173,8 @@ def load_npz(path: str) -> ArrayDataset:
   if not path:
     raise ConfigError("config.dataset.name='npz' needs --config.dataset.path=FILE.npz, a file "
                       f"with the arrays {', '.join(NPZ_KEYS)} (numpy.savez)")
+  if os.path.isdir(path):
+    raise ConfigError(f"{field} is a directory; give the .npz file itself")
   if not os.path.isfile(path):
     raise ConfigError(f"{field}: no such file")
   if not zipfile.is_zipfile(path):

@@ -173,6 +173,14 @@ class TfdsDataset:
     self.num_train_examples = _cardinality(self._records(train_split, 0, 1))
     self.num_test_examples = _cardinality(self._records(eval_split, 0, 1))
 
+  def fingerprint(self) -> str:
+    """What identifies these examples (jaxddp.data.fingerprint): the tfds name, version,
+    splits and sizes, or the image folder's path and sizes."""
+    source = (f"image folder {os.path.abspath(self.builder.data_dir)}" if self.is_folder
+              else f"tfds {self.name} {self.builder.info.version}")
+    return (f"{source}, {self.train_split} ({self.num_train_examples}) and "
+            f"{self.eval_split} ({self.num_test_examples})")
+
   # --- Reading: this process's encoded examples, (image bytes, label, index). ---
   #
   # The index of an example is its position in the split read in order: for an image

@@ -13,7 +13,9 @@
 
 from jaxddp.pruning.tables import Epoch, ExampleTables
 from jaxddp.pruning.training import (DYNAMIC, DataPruning, InfoBatch, Part, anneal_epoch,
-                                     check_dataset, create, kept_examples, load_scores)
+                                     check_dataset, create, kept_examples, load_scores,
+                                     scores_digest)
 
 __all__ = ["DYNAMIC", "DataPruning", "Epoch", "ExampleTables", "InfoBatch", "Part",
-           "anneal_epoch", "check_dataset", "create", "kept_examples", "load_scores"]
+           "anneal_epoch", "check_dataset", "create", "kept_examples", "load_scores",
+           "scores_digest"]

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import inspect
 import itertools
+import json
 import math
 import os
 from typing import Callable, Iterator
@@ -47,13 +49,15 @@ from jaxddp.registry import Registry
 from jaxddp.state import TrainState, local_value
 
 
-def kept_examples(config: ml_collections.ConfigDict, dataset) -> np.ndarray | None:
-  """The sorted indices of the training examples a static subset keeps (None: all)."""
+def kept_examples(config: ml_collections.ConfigDict, dataset,
+                  fingerprint: str = "") -> np.ndarray | None:
+  """The sorted indices of the training examples a static subset keeps (None: all).
+  `fingerprint`: the dataset's (jaxddp.data.fingerprint), checked against the scores'."""
   dp = config.data_pruning
   if not dp.scores and dp.keep_fraction == 1:
     return None
   if dp.scores:
-    scores = load_scores(dp.scores, dataset.num_train_examples)
+    scores = load_scores(dp.scores, dataset.num_train_examples, fingerprint)
   else:  # policy random needs no scores
     scores = np.zeros(dataset.num_train_examples)
   labels = None
@@ -75,8 +79,13 @@ def kept_examples(config: ml_collections.ConfigDict, dataset) -> np.ndarray | No
   return kept
 
 
-def load_scores(path: str, num_examples: int) -> np.ndarray:
-  """One finite float per training example from an .npy file, or a one-line ConfigError."""
+def load_scores(path: str, num_examples: int, fingerprint: str = "") -> np.ndarray:
+  """One finite float per training example from an .npy file, or a one-line ConfigError.
+
+  `fingerprint`: the run's dataset's (jaxddp.data.fingerprint). The .json that
+  `python -m jaxddp.score` writes beside the scores records the fingerprint of the data
+  they were computed on; scores of other data are refused even when their number fits.
+  """
   field = f"config.data_pruning.scores={path!r}"
   if os.path.isdir(path):
     found = sorted(glob.glob(os.path.join(path, "**", "*.npy"), recursive=True))[:3]
@@ -94,7 +103,28 @@ def load_scores(path: str, num_examples: int) -> np.ndarray:
                       f"training examples: it needs one score each ({num_examples},)")
   if scores.dtype.kind not in "biuf" or not np.isfinite(scores).all():
     raise ConfigError(f"{field} holds non-finite or non-numeric scores")
+  made_on = _scored_data(os.path.splitext(path)[0] + ".json")
+  if fingerprint and made_on and made_on != fingerprint:
+    raise ConfigError(f"{field} was computed on other data ({made_on}) than this run trains on "
+                      f"({fingerprint}); score this dataset with `python -m jaxddp.score`")
   return scores.astype(np.float64)
+
+
+def _scored_data(info_path: str) -> str:
+  """The data fingerprint in a scores .json ("" if the file or the field is absent)."""
+  try:
+    with open(info_path) as f:
+      info = json.load(f)
+  except (OSError, ValueError):
+    return ""
+  return str(info.get("data", "")) if isinstance(info, dict) else ""
+
+
+def scores_digest(path: str) -> str:
+  """A digest of a scores file's bytes: a run keeps it, and refuses a changed file on resume
+  (its subset would change under it)."""
+  with open(path, "rb") as f:
+    return "sha1 " + hashlib.sha1(f.read()).hexdigest()[:16]
 
 
 def check_dataset(config: ml_collections.ConfigDict, dataset) -> None:
@@ -215,6 +245,22 @@ class InfoBatch(DataPruning):
     self.tables = dataclasses.replace(self.tables, losses=True)
     self.num_epochs = recipe.total_steps // recipe.steps_per_epoch
     self.anneal_epoch = anneal_epoch(config.data_pruning.anneal_fraction, self.num_epochs)
+    self._check_pruned_epochs_have_a_batch()
+
+  def _check_pruned_epochs_have_a_batch(self) -> None:
+    """Refuses, before anything trains, a run whose pruned epochs could keep fewer examples
+    than one batch: at worst every example but one is below the mean loss, and a pruned
+    epoch keeps 1 + floor((1 - prune_ratio) x (N - 1)) (select.infobatch_weights)."""
+    ratio = self.config.data_pruning.prune_ratio
+    if ratio == 0 or min(self.anneal_epoch, self.num_epochs) <= 1:
+      return  # no pruned epoch (the first always sees everything)
+    n = self.dataset.num_train_examples if self.kept is None else len(self.kept)
+    fewest = 1 + int((1 - ratio) * (n - 1))
+    batch = self.recipe.effective_batch_size
+    if fewest < batch:
+      raise ConfigError(f"config.data_pruning.prune_ratio={ratio} can leave a pruned epoch "
+                        f"{fewest} of the {n} training examples, fewer than one batch of "
+                        f"{batch}; lower prune_ratio or the batch size")
     self._epoch: Epoch | None = None  # the epoch being run
 
   @property

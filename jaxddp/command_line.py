@@ -1,0 +1,73 @@
+"""What every command line of jaxddp shares (jaxddp.main, jaxddp.score, the experiment
+scripts): flags parsed with one-line errors, exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import flags
+
+
+def fail(message: str, status: int, process: str = "", program: str = "jaxddp") -> None:
+  """Prints one error line (naming the process in a multi-process run) and exits."""
+  prefix = f"[{process}] " if process else ""
+  print(f"{program}: error: {prefix}{message}", file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def _unknown_key_message(error: str, argv: list[str]) -> str:
+  key = re.search(r"'\\?'?(\w+)", error)
+  suggestion = re.search(r'Did you mean "(\w+)"', error)
+  key = key.group(1) if key else "?"
+  flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
+               re.search(rf"\b{re.escape(key)}\b", a.split("=")[0])), "--config")
+  hint = f'; did you mean "{suggestion.group(1)}"?' if suggestion else ""
+  return f"{flag}: config has no field {key!r}{hint}"
+
+
+def _make_config_package_importable(argv: list[str]) -> None:
+  """Lets `from configs import default` work in a config file, from any directory.
+
+  Config files live in a package directory (configs/); its parent goes on sys.path.
+  """
+  for arg in argv:
+    if arg.startswith("--config=") and os.path.isfile(arg.split("=", 1)[1]):
+      config_dir = os.path.dirname(os.path.abspath(arg.split("=", 1)[1]))
+      if os.path.isfile(os.path.join(config_dir, "__init__.py")):
+        sys.path.insert(0, os.path.dirname(config_dir))
+
+
+def parse_flags(argv: list[str], program: str = "jaxddp", required: tuple[str, ...] = ("config",),
+                example: str = "configs/mnist1d.py") -> None:
+  """Parses the command line into absl's flags, or prints one line `PROGRAM: error: ...`
+  and exits with status 2: a bad flag value, an unknown --config.x key, a missing
+  required flag, or a config file that does not load. Every config flag is loaded here,
+  so that a broken config file is not found later, in the middle of a run."""
+  _make_config_package_importable(argv)
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as error:
+    fail(str(error).splitlines()[0], 2, program=program)
+  except (KeyError, AttributeError) as error:
+    # ml_collections reports an unknown --config.x key as KeyError/AttributeError whose
+    # message is the missing key and a suggestion ("Did you mean ...").
+    fail(_unknown_key_message(str(error), argv), 2, program=program)
+  if len(rest) > 1:  # rest[0] is the program
+    fail(f"unexpected argument {rest[1]!r}: every setting is a flag, --name=value", 2,
+          program=program)
+  for name in required:
+    if flags.FLAGS[name].value in (None, ""):
+      fail(f"--{name} is required" + (f", e.g. --config={example}" if name == "config" else ""),
+            2, program=program)
+  given = sorted({arg[2:].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--")})
+  for name in (name for name in given if name in flags.FLAGS):
+    try:  # config_flags loads a config file at the first access to its value
+      to_dict = getattr(flags.FLAGS[name].value, "to_dict", None)
+      if callable(to_dict):
+        to_dict()
+    except Exception as error:  # a missing file, or an exception inside the config file
+      lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+      fail(f"could not load --{name}: {type(error).__name__}: {lines[-1] if lines else ''}",
+            2, program=program)
