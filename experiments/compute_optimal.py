@@ -276,8 +276,13 @@ def describe_plan(p: dict) -> str:
 def check(exp: Experiment, result, factor: float, seeds: list[int]) -> dict:
   """Trains the width a fit (a scaling.Fit) plans and one on each side at factor x the
   largest budget, with each seed; compares their mean test losses."""
+  from jaxddp import scaling
   budget = factor * max(result.budgets)
-  p = result.plan(budget)
+  try:
+    p = result.plan(budget)
+  except scaling.BudgetOutOfRange as error:  # known only once the sweep is fitted
+    raise Error(f"--check: {error} (the sweep's runs and fit.json are kept in "
+                f"{exp.out}; plan another budget with --fit and --predict)") from None
   print("check: " + describe_plan(p), flush=True)
   widths = sorted({max(1, round(p["width"] / 1.5)), p["width"], round(p["width"] * 1.5)})
   pool = max(exp.examples(budget, w) for w in widths)

@@ -418,14 +418,16 @@ class Fit:
     params, train_flops = family.cost(width)
     params = round(params)  # a count: the quadratic is exact for the built-in models
     examples = examples_for_budget(budget, train_flops, self.batch_size)
-    losses = [surface_loss(s, params, examples) for s in surface["bootstrap"]]
+    cannot = (f"for a budget of {budget:.3g} FLOPs the fit plans width {width} (N={params}), "
+              f"which leaves {examples} examples ({examples // self.batch_size} steps of "
+              f"{self.batch_size})")
+    if examples < self.batch_size:
+      raise BudgetOutOfRange(f"{cannot}; the fit cannot plan this budget")
     loss = float(surface_loss(surface, params, examples))
-    if examples < self.batch_size or not math.isfinite(loss):
-      raise BudgetOutOfRange(
-          f"for a budget of {budget:.3g} FLOPs the fit plans width {width} (N={params}), which "
-          f"leaves {examples} examples ({examples // self.batch_size} steps of "
-          f"{self.batch_size}) and an expected loss of {loss:.4g}; the fit cannot plan this "
-          "budget")
+    if not math.isfinite(loss):
+      raise BudgetOutOfRange(f"{cannot} and an expected loss of {loss}; the fit cannot plan "
+                             "this budget")
+    losses = [surface_loss(s, params, examples) for s in surface["bootstrap"]]
     return {"budget": budget, "params_optimal": optimum, "params_interval": interval(draws),
             "width": width, "width_interval": [family.width_for(n) if math.isfinite(n)
                                                else None for n in interval(draws)],

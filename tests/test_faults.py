@@ -7,7 +7,6 @@ run and its files are untouched. Items 6, 9-12 of the scripts (planner, cascade,
 compute_optimal) run as subprocesses that stop before anything trains.
 """
 
-import ctypes
 import json
 import os
 import re
@@ -249,12 +248,15 @@ def test_an_npz_path_that_is_a_directory_says_so(tmp_path):
 # --- 8: a workdir that cannot be written ---------------------------------------------------
 
 
-def _without_root_file_access():
-  """Makes the next exec obey file permissions even as root (it drops CAP_DAC_OVERRIDE
-  and CAP_DAC_READ_SEARCH from the bounding set), as for any other user."""
-  libc = ctypes.CDLL(None, use_errno=True)
-  for capability in (1, 2):
-    libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP; fails harmlessly if not root
+# Runs ARGV as a process that obeys file permissions even as root: it drops
+# CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its bounding set (prctl PR_CAPBSET_DROP;
+# harmless for another user), then execs, which leaves root without them, as any user is.
+_AS_ANY_USER = """import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for capability in (1, 2):
+  libc.prctl(24, capability, 0, 0, 0)
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
 
 
 @pytest.mark.parametrize("command", ["jaxddp.main", "jaxddp.score"])
@@ -268,11 +270,9 @@ def test_a_read_only_workdir_is_one_line(command, kind, tmp_path):
     target.chmod(0o555)
   parent.chmod(0o555)
   try:
-    completed = subprocess.run(
-        [sys.executable, "-m", command, "--config=configs/mnist1d.py", f"--workdir={target}",
-         "--config.model.width=8", "--config.train.num_steps=5"],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
-        preexec_fn=_without_root_file_access)
+    completed = _script(["-c", _AS_ANY_USER, "-m", command, "--config=configs/mnist1d.py",
+                         f"--workdir={target}", "--config.model.width=8",
+                         "--config.train.num_steps=5"])
   finally:
     parent.chmod(0o755)
     if kind == "existing":
