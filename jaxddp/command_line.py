@@ -39,8 +39,8 @@ def _make_config_package_importable(argv: list[str]) -> None:
         sys.path.insert(0, os.path.dirname(config_dir))
 
 
-def parse_flags(argv: list[str], program: str = "jaxddp", required: tuple[str, ...] = ("config",),
-                example: str = "configs/mnist1d.py") -> None:
+def parse_flags(argv: list[str], program: str = "jaxddp",
+                required: tuple[str, ...] = ("config",)) -> None:
   """Parses the command line into absl's flags, or prints one line `PROGRAM: error: ...`
   and exits with status 2: a bad flag value, an unknown --config.x key, a missing
   required flag, or a config file that does not load. Every config flag is loaded here,
@@ -56,11 +56,11 @@ def parse_flags(argv: list[str], program: str = "jaxddp", required: tuple[str, .
     fail(_unknown_key_message(str(error), argv), 2, program=program)
   if len(rest) > 1:  # rest[0] is the program
     fail(f"unexpected argument {rest[1]!r}: every setting is a flag, --name=value", 2,
-          program=program)
+         program=program)
   for name in required:
     if flags.FLAGS[name].value in (None, ""):
-      fail(f"--{name} is required" + (f", e.g. --config={example}" if name == "config" else ""),
-            2, program=program)
+      example = ", e.g. --config=configs/mnist1d.py" if name == "config" else ""
+      fail(f"--{name} is required{example}", 2, program=program)
   given = sorted({arg[2:].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--")})
   for name in (name for name in given if name in flags.FLAGS):
     try:  # config_flags loads a config file at the first access to its value
@@ -70,4 +70,4 @@ def parse_flags(argv: list[str], program: str = "jaxddp", required: tuple[str, .
     except Exception as error:  # a missing file, or an exception inside the config file
       lines = [line.strip() for line in str(error).splitlines() if line.strip()]
       fail(f"could not load --{name}: {type(error).__name__}: {lines[-1] if lines else ''}",
-            2, program=program)
+           2, program=program)
