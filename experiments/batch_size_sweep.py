@@ -147,7 +147,7 @@ def main() -> None:
     raise common.Error("--config and --out are required")
   from jaxddp import config as config_lib
   base = _CONFIG.value
-  batch_sizes = [int(b) for b in _BATCH_SIZES.value]
+  batch_sizes = common.numbers("batch_sizes", _BATCH_SIZES.value, int, 1)
   warmup_epochs = _WARMUP_EPOCHS.value
   if _QUICK.value:
     base.train.num_epochs = 2
@@ -159,7 +159,10 @@ def main() -> None:
     except ValueError as error:
       raise common.Error(f"{error}; see the recipes in --helpfull") from None
   config_lib.validate(base)
-  os.makedirs(_OUT.value, exist_ok=True)
+  common.validate_runs(recipe_config(base, recipe, batch_size, base.train.batch_size,
+                                     warmup_epochs)
+                       for recipe in _RECIPES.value for batch_size in batch_sizes)
+  common.out_dir(_OUT.value)
   results = run_sweep(base, _OUT.value, batch_sizes, _RECIPES.value, warmup_epochs)
   figure = os.path.join(_OUT.value, "accuracy_vs_batch.png")
   plot(results, figure, f"{base.dataset.name}, {base.model.name}: test accuracy vs batch size "

@@ -52,6 +52,10 @@ _THRESHOLDS = flags.DEFINE_integer("thresholds", 200, "Thresholds in [0, 1] (and
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny runs: a smoke test.")
 
 
+# More thresholds than test examples tell nothing new, and each costs a sweep over them.
+MAX_THRESHOLDS = 100_000
+
+
 def _model_config(base, width: int):
   return common.quiet(base, **{"model.width": width})
 
@@ -186,7 +190,7 @@ def run(cheap_width: int, large_width: int, validation: int) -> None:
   for name, workdir in workdirs.items():
     _check_workdir(workdir, _model_config(base, cheap_width if name == "cheap" else large_width),
                    training, f"--{name}_workdir")
-  os.makedirs(out, exist_ok=True)
+  common.out_dir(out)
   cheap = Model(base, cheap_width, workdirs["cheap"], training, held_out)
   large = Model(base, large_width, workdirs["large"], training, held_out)
   thresholds = [*np.linspace(0.0, 1.0, _THRESHOLDS.value + 1), 1.01]
@@ -253,8 +257,8 @@ def main() -> None:
   validation = _VALIDATION.value
   if min(widths) < 1:
     raise Error(f"--cheap_width={widths[0]} and --large_width={widths[1]} must be at least 1")
-  if _THRESHOLDS.value < 1 or not 0 <= _TOLERANCE.value < 1:
-    raise Error(f"--thresholds={_THRESHOLDS.value} must be at least 1 and "
+  if not 1 <= _THRESHOLDS.value <= MAX_THRESHOLDS or not 0 <= _TOLERANCE.value < 1:
+    raise Error(f"--thresholds={_THRESHOLDS.value} must be in [1, {MAX_THRESHOLDS}] and "
                 f"--tolerance={_TOLERANCE.value} in [0, 1)")
   if _QUICK.value:  # these replace the flags of the same names
     _CONFIG.value.train.num_steps, _CONFIG.value.train.batch_size = 20, 32

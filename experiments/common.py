@@ -59,6 +59,49 @@ def guarded(script: str, body: Callable[[], None]) -> None:
     sys.exit(130)
 
 
+def numbers(flag: str, values: list[str], kind=float, low: float | None = None,
+            high: float | None = None, high_open: bool = False) -> list:
+  """A list flag's values as numbers of `kind`, each finite and within [low, high] (or
+  [low, high) with high_open), or an Error naming the flag."""
+  import math
+  shown = f"--{flag}={','.join(values)}"
+  try:
+    parsed = [kind(value) for value in values]
+  except ValueError:
+    raise Error(f"{shown}: not a list of {kind.__name__}s") from None
+  if not parsed:
+    raise Error(f"{shown}: give one or more numbers")
+  for value in parsed:
+    bad = (not math.isfinite(value) or (low is not None and value < low) or
+           (high is not None and (value >= high if high_open else value > high)))
+    if bad:
+      span = f"[{low:g}, {high:g}{')' if high_open else ']'}" if high is not None else \
+          f"at least {low:g}"
+      raise Error(f"{shown}: {value:g} is out of range; each must be {span}")
+  return parsed
+
+
+def validate_runs(configs) -> None:
+  """Checks the config of every run of a sweep before the first one trains (a bad value
+  found after hours of runs would waste them): a ConfigError names the field."""
+  from jaxddp import config as config_lib
+  for config in configs:
+    config_lib.validate(config)
+
+
+def out_dir(path: str, flag: str = "--out") -> str:
+  """Creates the output directory, or an Error in one line (a file there, no permission).
+  Call it once every flag and run config is checked, so a refused command writes nothing."""
+  from jaxddp.workdir import checked
+  path = checked(path, flag)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as error:
+    raise Error(f"{flag}={path} cannot be created ({error.strerror or type(error).__name__})"
+                ) from None
+  return path
+
+
 def quiet(config, **changes):
   """A copy of config for one run of a sweep, with `changes` ("section.field": value,
   e.g. **{"model.width": 8}) applied.

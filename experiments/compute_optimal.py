@@ -426,7 +426,7 @@ def _check_settings(out: str, settings: dict) -> None:
 def _save_settings(out: str, settings: dict) -> None:
   """Records what the runs in --out are made with, once every check has passed (a
   refused command leaves nothing that would refuse the next)."""
-  os.makedirs(out, exist_ok=True)
+  common.out_dir(out)
   path = os.path.join(out, "settings.json")
   with open(path + ".tmp", "w") as f:
     json.dump(settings, f, indent=1)
@@ -437,14 +437,21 @@ def run(budgets: list[float], widths: list[int], seeds: list[int], check_seeds: 
         min_steps: int, max_examples: int, pool_examples: int, window: float,
         bootstraps: int, surface_bootstraps: int) -> None:
   from jaxddp import config as config_lib
+  from jaxddp.workdir import checked
   base = _CONFIG.value
   config_lib.validate(base)
   recorded = {"config": base.to_dict(), "pool_examples": pool_examples}
+  checked(_OUT.value, "--out")
   _check_settings(_OUT.value, recorded)
   exp = Experiment(base, _OUT.value, pool_examples)
   pairs = sweep_plan(exp, budgets, widths, min_steps, max_examples)
   if not pairs:
     raise Error("no (budget, width) fits --min_steps and --max_examples: see the plan above")
+  fittable = [b for b in budgets if sum(1 for budget, _ in pairs if budget == b) >= 3]
+  if len(fittable) < 2:
+    raise Error(f"{len(fittable)} budget(s) of the plan above have the 3 widths a parabola "
+                "needs, and the fit needs two: add --widths or --budgets (or widen "
+                "--min_steps / --max_examples)")
   _save_settings(_OUT.value, recorded)
   # A whole sweep per seed: an interrupted experiment has whole seeds.
   todo = [(b, w, seed) for seed in seeds for b, w in pairs

@@ -232,16 +232,40 @@ def plot(results: common.Results, out: str) -> list[str]:
   return written
 
 
+def _planned_configs(base, regimes: list[int], steps: list[int], settings: Settings):
+  """The config of every run and scoring the flags ask for, with their values (the scores
+  files do not exist yet: a placeholder name stands in), to check before any trains."""
+  for regime, count in zip(regimes, steps):
+    fixed = {"train.num_steps": count}
+    yield _config(base, regime, **fixed)
+    yield _config(base, regime, **{"data_pruning.score": "el2n",
+                                   "data_pruning.num_runs": settings.el2n_runs,
+                                   "data_pruning.score_epochs": settings.score_epochs})
+    for keep, policy in [(k, p) for k in settings.fractions for p in settings.policies] + [
+        (settings.other_fraction, p) for p in settings.other_policies]:
+      yield _config(base, regime, **fixed, **{"data_pruning.scores": "scores.npy",
+                                              "data_pruning.keep_fraction": keep,
+                                              "data_pruning.policy": policy})
+    for ratio in settings.prune_ratios:
+      yield _config(base, regime, **{"data_pruning.dynamic": "infobatch",
+                                     "data_pruning.prune_ratio": ratio})
+
+
 def main() -> None:
   if _CONFIG.value is None or not _OUT.value:
     raise common.Error("--config and --out are required")
   from jaxddp import config as config_lib
   base = _CONFIG.value
-  regimes, steps = [int(r) for r in _REGIMES.value], [int(s) for s in _STEPS.value]
-  settings = Settings([float(f) for f in _FRACTIONS.value], _POLICIES.value,
-                      _OTHER_FRACTION.value, ["hard", "easy"], _EL2N_RUNS.value,
-                      _SCORE_EPOCHS.value,
-                      [float(r) for r in _PRUNE_RATIOS.value])
+  regimes = common.numbers("regimes", _REGIMES.value, int, 1)
+  steps = common.numbers("steps", _STEPS.value, int, 1)
+  settings = Settings(common.numbers("fractions", _FRACTIONS.value, float, 0, 1),
+                      _POLICIES.value, _OTHER_FRACTION.value, ["hard", "easy"],
+                      _EL2N_RUNS.value, _SCORE_EPOCHS.value,
+                      common.numbers("prune_ratios", _PRUNE_RATIOS.value, float, 0, 1,
+                                     high_open=True))
+  unknown = sorted(set(_PARTS.value) - {"static", "dynamic"})
+  if unknown or not _PARTS.value:
+    raise common.Error(f"--parts={','.join(_PARTS.value)}: choose static, dynamic or both")
   if _QUICK.value:
     regimes, steps = regimes[:1], [12]
     base.train.num_epochs = 3
@@ -249,7 +273,8 @@ def main() -> None:
   if len(steps) != len(regimes):
     raise common.Error(f"--steps needs one number per regime ({len(regimes)})")
   config_lib.validate(base)
-  os.makedirs(_OUT.value, exist_ok=True)
+  common.validate_runs(_planned_configs(base, regimes, steps, settings))
+  common.out_dir(_OUT.value)
   exp = Experiment(base, _OUT.value, settings)
   if "static" in _PARTS.value:
     for regime, count in zip(regimes, steps):

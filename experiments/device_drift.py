@@ -119,7 +119,7 @@ def measure(out: str, seeds: list[int], variants: list[str], steps: int) -> comm
   if unknown:
     raise common.Error(f"unknown variant(s) {', '.join(unknown)}; choose from "
                        f"{', '.join(VARIANTS)}")
-  os.makedirs(out, exist_ok=True)
+  common.out_dir(out)
   results = common.Results(os.path.join(out, "results.csv"), FIELDS,
                            lambda row: (row["variant"], int(row["seed"])))
   todo = [(v, s) for v in variants for s in seeds if not results.done((v, s))]

@@ -141,14 +141,15 @@ def main() -> None:
   if unknown:
     raise common.Error(f"unknown method(s) {', '.join(unknown)}; choose from "
                          f"{', '.join(METHODS)}")
-  sparsities = [float(s) for s in _SPARSITIES.value]
-  if any(not 0 <= s < 1 for s in sparsities):
-    raise common.Error(f"--sparsities={_SPARSITIES.value} must be fractions in [0, 1)")
+  sparsities = common.numbers("sparsities", _SPARSITIES.value, float, 0, 1, high_open=True)
   if _QUICK.value:
     base.train.num_epochs = 2
     sparsities = [0.8]
   config_lib.validate(base)
-  os.makedirs(_OUT.value, exist_ok=True)
+  total_steps = _total_steps(base)
+  common.validate_runs(method_config(base, method, sparsity, total_steps, _UPDATE_EVERY.value)
+                       for method in _METHODS.value for sparsity in sparsities)
+  common.out_dir(_OUT.value)
   results = run_sweep(base, _OUT.value, _METHODS.value, sparsities, _UPDATE_EVERY.value)
   figure = os.path.join(_OUT.value, "accuracy_vs_sparsity.png")
   plot(results, figure, f"{base.dataset.name}, {base.model.name}: test accuracy vs weight "

@@ -75,7 +75,14 @@ class Checkpointer:
     step = self.latest_step()
     if step is None:
       return state
-    saved = self.manager.item_metadata(step).tree
+    try:
+      saved = self.manager.item_metadata(step).tree
+    except Exception as error:  # orbax's errors for a step directory emptied or cut short
+      detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+      raise ConfigError(f"the checkpoint at step {step} in {self.directory} cannot be read "
+                        f"({type(error).__name__}: {detail}); delete "
+                        f"{os.path.join(self.directory, str(step))} to resume from an earlier "
+                        "checkpoint, or use a new --workdir") from None
     if "rng" not in saved:
       raise ConfigError(f"the checkpoint in {self.directory} was written by an older jaxddp (it "
                         "has no rng or train_flops); use a new --workdir")

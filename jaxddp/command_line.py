@@ -7,7 +7,7 @@ import os
 import re
 import sys
 
-from absl import flags
+from absl import flags, logging
 
 
 def fail(message: str, status: int, process: str = "", program: str = "jaxddp") -> None:
@@ -46,28 +46,53 @@ def parse_flags(argv: list[str], program: str = "jaxddp",
   required flag, or a config file that does not load. Every config flag is loaded here,
   so that a broken config file is not found later, in the middle of a run."""
   _make_config_package_importable(argv)
+  previous = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # config_flags warns on stderr: we say it in one line
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as error:
-    fail(str(error).splitlines()[0], 2, program=program)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "Error whilst parsing config file" in str(error):  # the config file's own error
+      fail(f"could not load {_config_arg(argv)}: {lines[-1]}", 2, program=program)
+    fail(lines[0] if lines else type(error).__name__, 2, program=program)
   except (KeyError, AttributeError) as error:
     # ml_collections reports an unknown --config.x key as KeyError/AttributeError whose
     # message is the missing key and a suggestion ("Did you mean ...").
     fail(_unknown_key_message(str(error), argv), 2, program=program)
+  except Exception as error:  # the config file raised, or does not parse; a flag file
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    fail(f"could not load {_config_arg(argv)}: {type(error).__name__}: "
+         f"{lines[-1] if lines else ''}", 2, program=program)
+  finally:
+    logging.set_verbosity(previous)
   if len(rest) > 1:  # rest[0] is the program
     fail(f"unexpected argument {rest[1]!r}: every setting is a flag, --name=value", 2,
          program=program)
+  given = sorted({arg[2:].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--")})
   for name in required:
-    if flags.FLAGS[name].value in (None, ""):
+    if name not in given or flags.FLAGS[name].value == "":
       example = ", e.g. --config=configs/mnist1d.py" if name == "config" else ""
       fail(f"--{name} is required{example}", 2, program=program)
-  given = sorted({arg[2:].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--")})
   for name in (name for name in given if name in flags.FLAGS):
+    flag = flags.FLAGS[name]
+    if type(flag).__name__ != "_ConfigFlag":  # a config file (not one of its fields)
+      continue
     try:  # config_flags loads a config file at the first access to its value
-      to_dict = getattr(flags.FLAGS[name].value, "to_dict", None)
-      if callable(to_dict):
-        to_dict()
+      if flag.value is None:
+        fail(f"--{name}={flag.serialize().split('=', 1)[-1]}: get_config() returned None; it "
+             "must return an ml_collections.ConfigDict", 2, program=program)
+      flag.value.to_dict()
     except Exception as error:  # a missing file, or an exception inside the config file
-      lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+      lines = [line.strip().removeprefix(_EARLIER_FAILURE)
+               for line in str(error).splitlines() if line.strip()]
       fail(f"could not load --{name}: {type(error).__name__}: {lines[-1] if lines else ''}",
            2, program=program)
+
+
+# How config_flags words a file it could not load, before saying why.
+_EARLIER_FAILURE = "Configuration is not available because of an earlier failure to load: "
+
+
+def _config_arg(argv: list[str]) -> str:
+  """The --config=FILE argument (the first config file given), for an error line."""
+  return next((arg for arg in argv[1:] if arg.startswith("--config=")), "--config")

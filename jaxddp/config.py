@@ -9,6 +9,7 @@ Recipe and resolve are re-exported here for the callers that know them by this n
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from typing import Any
@@ -79,6 +80,24 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
   return value
 
 
+def _check_no_unknown_fields(config: ml_collections.ConfigDict) -> None:
+  """A field the defaults do not have is a typo nothing would read (config.train.bach_size
+  = 3 in Python adds a field; the command line refuses it): one line, with the nearest name."""
+  from jaxddp.default_config import get_config as defaults
+
+  def walk(given: dict, known: dict, path: str) -> None:
+    for key, value in given.items():
+      if key not in known:
+        close = difflib.get_close_matches(key, list(known), n=1)
+        hint = f'; did you mean "{close[0]}"?' if close else ""
+        raise ConfigError(f"config.{path}{key} is not a field of jaxddp's config{hint} (every "
+                          "field is in jaxddp/default_config.py; your own go in config.extra)")
+      if isinstance(value, dict) and isinstance(known[key], dict) and key != "extra":
+        walk(value, known[key], f"{path}{key}.")
+
+  walk(config.to_dict(), defaults().to_dict(), "")
+
+
 def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
              dataset_given: bool = False, loss_given: bool = False) -> None:
   """Checks names and ranges that need no knowledge of devices or data.
@@ -86,6 +105,11 @@ def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
   The names of a model, dataset or loss passed to train_and_evaluate as objects
   (`*_given`) are not checked: the objects are used instead.
   """
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"the config is a {type(config).__name__}, not an "
+                      "ml_collections.ConfigDict; start from jaxddp.get_config() or a "
+                      "configs/ file's get_config()")
+  _check_no_unknown_fields(config)
   seed = config.seed
   if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
     raise ConfigError(f"config.seed={seed!r} is not valid; it must be an integer in "

@@ -312,4 +312,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 0 disables it.
   config.distributed.hang_timeout = 1200
 
+  # Fields of your own model, dataset or loss (factories get the whole config): put them
+  # here, e.g. config.extra.depth = 4 in your config file, --config.extra.depth=6 on the
+  # command line. A field anywhere else that is not above is refused as a typo.
+  config.extra = ml_collections.ConfigDict()
+
   return config

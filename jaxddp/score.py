@@ -62,6 +62,21 @@ class Scoring:
                         f"{type(self.run.dataset).__name__} does not take (see "
                         "jaxddp.data.Dataset)")
     self.runs: dict[str, dict] = {}
+    self._lock = WorkdirLock(workdir, is_leader=jax.process_index() == 0,
+                             agree=distributed.leader_text)
+    self._held = False
+
+  def hold_workdir(self) -> None:
+    """Holds the workdir (one scoring at a time) from its first write on: a score that
+    refuses its inputs before then leaves nothing behind. Every process calls it."""
+    if not self._held:
+      self._lock.__enter__()
+      self._held = True
+
+  def release_workdir(self) -> None:
+    if self._held:
+      self._lock.release()
+      self._held = False
 
   def _run_config(self, seed: int, epochs: float, **overrides) -> ml_collections.ConfigDict:
     config = copy.deepcopy(self.config)
@@ -91,6 +106,7 @@ class Scoring:
     # resumes an old run.
     workdir = os.path.join(self.workdir, "score_runs", f"{label}_epochs{epochs:g}_"
                            f"{_digest(config, self.given, self.run.data_identity)}")
+    self.hold_workdir()
     self._say(f"training {label} for {epochs:g} epochs in {workdir}")
     result = train.train_and_evaluate(config, workdir, **self.given)
     self.runs[label] = {"seed": seed, "epochs": epochs, "workdir": workdir,
@@ -151,11 +167,11 @@ def score(config: ml_collections.ConfigDict, workdir: str, **given: Any) -> np.n
   """Computes config.data_pruning.score for every training example and writes it to
   workdir/scores/<score>.npy and .json; returns the scores. `given`: model=, dataset=,
   loss_fn= as for jaxddp.train_and_evaluate."""
-  name = config.data_pruning.score
   workdir = checked_workdir(workdir)
   started = time.time()
-  scoring = Scoring(config, workdir, **given)
-  with WorkdirLock(workdir, is_leader=jax.process_index() == 0, agree=distributed.leader_text):
+  scoring = Scoring(config, workdir, **given)  # checks the config
+  name = config.data_pruning.score
+  try:
     values, details = SCORES[name](scoring)
     values = np.asarray(values, np.float32)
     seconds = time.time() - started
@@ -164,6 +180,7 @@ def score(config: ml_collections.ConfigDict, workdir: str, **given: Any) -> np.n
             "model": config.model.name, **details,
             "runs": scoring.runs, "seconds": round(seconds, 2),
             "devices": len(scoring.run.devices), "processes": jax.process_count()}
+    scoring.hold_workdir()
     if jax.process_index() == 0:
       directory = os.path.join(workdir, "scores")
       os.makedirs(directory, exist_ok=True)
@@ -177,6 +194,8 @@ def score(config: ml_collections.ConfigDict, workdir: str, **given: Any) -> np.n
       print(f"jaxddp.score: {name} of {len(values)} examples in {seconds:.1f}s -> {path} "
             f"(mean {values.mean():.4g}, min {values.min():.4g}, max {values.max():.4g})",
             flush=True)
+  finally:
+    scoring.release_workdir()
   return values
 
 

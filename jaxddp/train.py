@@ -118,10 +118,10 @@ def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
     data.check_dataset(dataset, "train_and_evaluate(dataset=...)")
   pruning.check_dataset(config, dataset)
   data_identity = {"dataset": data.fingerprint(dataset)}
-  if config.data_pruning.scores:
-    data_identity["scores"] = pruning.scores_digest(config.data_pruning.scores)
   # A static subset (data pruning) or None.
   kept = pruning.kept_examples(config, dataset, data_identity["dataset"])
+  if config.data_pruning.scores:  # read, and found good, above
+    data_identity["scores"] = pruning.scores_digest(config.data_pruning.scores)
   recipe = resolve(config, num_train_examples=dataset.num_train_examples if kept is None else
                    len(kept), num_test_examples=dataset.num_test_examples,
                    num_devices=len(devices), num_processes=jax.process_count())

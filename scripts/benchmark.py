@@ -53,6 +53,8 @@ from ml_collections import config_flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from jaxddp.errors import ConfigError  # noqa: E402  (after the repository is on sys.path)
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(REPO, "configs", "imagenet.py"),
     "Config to measure (default: configs/imagenet.py, ResNet-50).")
@@ -96,7 +98,7 @@ def parse_compare(config, spec: str) -> tuple[str, list]:
   """"model.norm=a,b" -> ("model.norm", ["a", "b"]), values converted to the field's type."""
   field, sep, values = spec.partition("=")
   if not sep or not values:
-    raise app.UsageError(f"--compare={spec!r}: use FIELD=VALUE1,VALUE2, e.g. "
+    raise ConfigError(f"--compare={spec!r}: use FIELD=VALUE1,VALUE2, e.g. "
                          "model.norm=batch_norm,ghost_batch_norm")
   section = config
   *parents, leaf = field.split(".")
@@ -105,13 +107,13 @@ def parse_compare(config, spec: str) -> tuple[str, list]:
       section = section[part]
     current = section[leaf]
   except (KeyError, AttributeError):
-    raise app.UsageError(f"--compare: config has no field {field!r}") from None
+    raise ConfigError(f"--compare: config has no field {field!r}") from None
   kind = type(current)
   convert = (lambda v: v.lower() in ("1", "true", "yes")) if kind is bool else kind
   try:
     return field, [convert(v) for v in values.split(",")]
   except ValueError:
-    raise app.UsageError(f"--compare: {values!r} are not all of type {kind.__name__}") from None
+    raise ConfigError(f"--compare: {values!r} are not all of type {kind.__name__}") from None
 
 
 def _with_field(config, field: str, value):
@@ -373,11 +375,15 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   for flag in (_STEPS, _ROUNDS, _WARMUP):
     if flag.value < 1:
-      raise app.UsageError(f"--{flag.name} must be at least 1")
+      raise ConfigError(f"--{flag.name} must be at least 1")
   if _LOOP_STEPS.value == 1:
-    raise app.UsageError("--loop_steps must be 0 (skip) or at least 2 (two logging windows)")
+    raise ConfigError("--loop_steps must be 0 (skip) or at least 2 (two logging windows)")
+  if _JSON.value and not os.path.isdir(os.path.dirname(os.path.abspath(_JSON.value))):
+    raise ConfigError(f"--json={_JSON.value}: its directory does not exist")
+  from jaxddp import config as config_lib
   from jaxddp import parallel
   config = with_data(_CONFIG.value, _DATA.value, _IMAGE_SIZE.value)
+  config_lib.validate(config)
   parallel.set_cpu_device_count(config.parallel.cpu_devices)  # before JAX starts
   field, values = parse_compare(config, _COMPARE.value) if _COMPARE.value else (None, [None])
   results = benchmark(config, field, values, steps=_STEPS.value, rounds=_ROUNDS.value,
@@ -398,4 +404,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # One line and exit status 2 for a bad flag or config, as every jaxddp command line.
+  from jaxddp.command_line import fail, parse_flags
+  if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in sys.argv[1:]):
+    app.run(main)  # absl prints the flags' help and exits
+  parse_flags(sys.argv, "benchmark.py", required=())
+  try:
+    main([])
+  except ConfigError as error:
+    fail(str(error), 2, program="benchmark.py")

@@ -10,6 +10,7 @@ compute_optimal) run as subprocesses that stop before anything trains.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,7 +88,6 @@ def _scoring_config():
 def scored(tmp_path_factory):
   """Scores of _arrays() in a workdir: (workdir, a copy of the scores and their .json
   that no test rewrites, their values)."""
-  import shutil
   workdir = str(tmp_path_factory.mktemp("scored"))
   values = score.score(_scoring_config(), workdir, dataset=_arrays())
   copy = str(tmp_path_factory.mktemp("scores_of_arrays"))
@@ -419,3 +419,111 @@ def test_score_help_says_what_holds_across_device_counts():
   assert "1 vs 2 devices: scores (in [0, 1.41], mean 0.057) differ by up to 0.19 (median " \
          "0.001), rank correlation 0.993, and 70 of the 2000 examples kept at keep_fraction " \
          "0.5 differ" in text
+
+
+# --- Found by the fresh-clone trial of this issue (one line each, nothing written) --------
+
+_BAD_CONFIGS = {
+    "missing": (None, "could not load --config: OSError: [Errno 2] No such file or directory"),
+    "a directory": ("", "could not load --config: OSError: [Errno 21] Is a directory"),
+    "bad syntax": ("def get_config(:\n", "SyntaxError: invalid syntax"),
+    "raises": ("def get_config():\n  raise RuntimeError('boom')\n", "RuntimeError: boom"),
+    "returns None": ("def get_config():\n  pass\n", "get_config() returned None"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_BAD_CONFIGS))
+def test_a_config_file_that_does_not_load_is_one_line(kind, tmp_path):
+  text, expected = _BAD_CONFIGS[kind]
+  path = tmp_path / "bad.py"
+  if kind == "a directory":
+    path = tmp_path
+  elif text is not None:
+    path.write_text(text)
+  completed = run_main([f"--config={path}", f"--workdir={tmp_path / 'run'}"])
+  _assert_one_error_line(completed, "jaxddp", 2, expected)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("what", ["missing", "a directory"])
+def test_a_scores_path_that_is_not_a_file_is_one_line(what, tmp_path):
+  scores = tmp_path / "none.npy" if what == "missing" else tmp_path
+  completed = run_main(["--config=configs/mnist1d.py", f"--workdir={tmp_path / 'run'}",
+                        f"--config.data_pruning.scores={scores}",
+                        "--config.data_pruning.keep_fraction=0.5"])
+  _assert_one_error_line(completed, "jaxddp", 2, f"config.data_pruning.scores='{scores}'")
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_cut_short_is_one_line_that_says_what_to_delete(tmp_path):
+  args = ["--config=configs/mnist1d.py", f"--workdir={tmp_path}", "--config.model.width=4",
+          "--config.train.num_steps=4", "--config.train.checkpoint_every=2",
+          "--config.parallel.cpu_devices=2"]
+  assert run_main(args).returncode == 0
+  step = tmp_path / "checkpoints" / "4"
+  for item in step.iterdir():  # a kill or a full disk in the middle of writing it
+    shutil.rmtree(item) if item.is_dir() else item.unlink()
+  completed = run_main(args)
+  _assert_one_error_line(completed, "jaxddp", 2, "the checkpoint at step 4 in ",
+                         f"cannot be read (", f"delete {step} to resume from an earlier")
+
+
+def test_a_prototype_score_without_its_run_writes_nothing(tmp_path):
+  completed = _script(["-m", "jaxddp.score", "--config=configs/mnist1d.py",
+                       f"--workdir={tmp_path / 'scores'}", "--config.data_pruning.score=prototype"])
+  _assert_one_error_line(completed, "jaxddp", 2, "set --config.init_from.workdir")
+  assert not (tmp_path / "scores").exists()
+
+
+@pytest.mark.parametrize("config, expected", [
+    (None, "the config is a NoneType, not an ml_collections.ConfigDict"),
+    ({"train": {"batch_size": 3}}, "the config is a dict, not an ml_collections.ConfigDict"),
+    ("typo", 'config.train.bach_size is not a field of jaxddp\'s config; did you mean '
+             '"batch_size"?'),
+], ids=["None", "dict", "typo"])
+def test_the_api_refuses_what_is_not_a_config(config, expected, tmp_path):
+  if config == "typo":  # Python adds the field; nothing would read it
+    config = make_tiny_config()
+    config.train.bach_size = 3
+  with pytest.raises(ConfigError) as error:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert _one_line(error.value).startswith(expected)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script, flags, expected", [
+    ("data_pruning", ["--fractions=abc"], "--fractions=abc: not a list of floats"),
+    ("data_pruning", ["--fractions=1.5"], "--fractions=1.5: 1.5 is out of range"),
+    ("data_pruning", ["--parts=bogus"], "--parts=bogus: choose static, dynamic or both"),
+    ("data_pruning", ["--other_fraction=-1"], "config.data_pruning.keep_fraction=-1"),
+    ("sparsity_sweep", ["--sparsities=abc"], "--sparsities=abc: not a list of floats"),
+    ("sparsity_sweep", ["--update_every=0"], "config.sparsity.update_every=0"),
+    ("batch_size_sweep", ["--batch_sizes=abc"], "--batch_sizes=abc: not a list of ints"),
+    ("batch_size_sweep", ["--batch_sizes=0"], "--batch_sizes=0: 0 is out of range"),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_a_sweep_checks_every_flag_and_run_before_it_writes(script, flags, expected, tmp_path):
+  out = tmp_path / "out"
+  completed = _script(["-m", f"experiments.{script}", "--config=configs/mnist1d.py",
+                       f"--out={out}", *flags])
+  _assert_one_error_line(completed, f"{script}.py", 2, expected)
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["device_drift", "compute_optimal"])
+def test_an_out_that_is_a_file_is_one_line(script, tmp_path):
+  a_file = tmp_path / "file"
+  a_file.write_text("")
+  config = [] if script == "device_drift" else ["--config=configs/mnist1d.py", "--quick"]
+  completed = _script(["-m", f"experiments.{script}", *config, f"--out={a_file}"])
+  _assert_one_error_line(completed, f"{script}.py", 2, f"--out={a_file} is a file")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--steps=0"], "--steps must be at least 1"),
+    (["--bogus"], "Unknown command line flag 'bogus'"),
+    (["stray"], "unexpected argument 'stray'"),
+    (["--json=/nonexistent/x.json"], "--json=/nonexistent/x.json: its directory does not exist"),
+])
+def test_benchmark_flags_are_one_line(flags, expected):
+  completed = _script(["scripts/benchmark.py", "--config=configs/mnist1d.py", *flags])
+  _assert_one_error_line(completed, "benchmark.py", 2, expected)
