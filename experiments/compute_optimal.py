@@ -505,6 +505,9 @@ def main() -> None:
       max_examples=_MAX_EXAMPLES.value, pool_examples=_POOL.value, window=_WINDOW.value,
       bootstraps=_BOOTSTRAPS.value, surface_bootstraps=_SURFACE_BOOTSTRAPS.value)
   _check_flags(settings)
+  if len(set(settings["seeds"])) < len(settings["seeds"]):
+    raise Error(f"--seeds={','.join(_SEEDS.value)}: a seed given twice would count one run "
+                "twice")
   if _QUICK.value:  # these replace the flags of the same names
     _CONFIG.value.train.batch_size = 32
     settings.update(budgets=[1e8, 2e8], widths=[2, 4, 8], min_steps=4, max_examples=8000,

@@ -56,11 +56,15 @@ def parse_flags(argv: list[str], program: str = "jaxddp",
       fail(f"could not load {_config_arg(argv)}: {lines[-1]}", 2, program=program)
     fail(lines[0] if lines else type(error).__name__, 2, program=program)
   except (KeyError, AttributeError) as error:
+    if "get_config" in str(error):  # a config file without one
+      fail(f"could not load {_config_arg(argv)}: it has no get_config() function", 2,
+           program=program)
     # ml_collections reports an unknown --config.x key as KeyError/AttributeError whose
     # message is the missing key and a suggestion ("Did you mean ...").
     fail(_unknown_key_message(str(error), argv), 2, program=program)
   except Exception as error:  # the config file raised, or does not parse; a flag file
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line.strip().removeprefix(_EARLIER_FAILURE)
+             for line in str(error).splitlines() if line.strip()]
     fail(f"could not load {_config_arg(argv)}: {type(error).__name__}: "
          f"{lines[-1] if lines else ''}", 2, program=program)
   finally:

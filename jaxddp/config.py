@@ -135,6 +135,8 @@ def validate(config: ml_collections.ConfigDict, *, model_given: bool = False,
   _choice(config, "parallel.backend", parallel.BACKENDS)
   _choice(config, "distributed.cluster", CLUSTERS)
   _fraction(config, "model.dropout")
+  _fraction(config, "optimizer.momentum")  # a momentum of 1 or more never forgets: diverges
+  _fraction(config, "model.bn_momentum")
   for field in ("train.batch_size", "train.log_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "model.width", "optimizer.learning_rate",
                 "parallel.max_steps_in_flight", "distributed.initialization_timeout",

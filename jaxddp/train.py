@@ -178,7 +178,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   resuming = checkpoint.has_checkpoint(workdir)
   checkpointer, source = None, None
   if resuming:
-    _check_same_data(workdir, run)
+    # Process 0 wrote config.json and reads it; every process stops on its answer.
+    problem = _other_data(workdir, run) if jax.process_index() == 0 else ""
+    problem = distributed.leader_text(problem, size=4096)
+    if problem:
+      raise ConfigError(problem)
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)  # it exists
     try:
       state = backend.put_state(checkpointer.restore_latest(backend.global_state(state)))
@@ -211,25 +215,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       raise
 
 
-def _check_same_data(workdir: str, run: Setup) -> None:
-  """Refuses to resume a run on data other than it started on (config.json's "data"): a
-  dataset with another fingerprint, or a scores file changed under a static subset."""
+def _other_data(workdir: str, run: Setup) -> str:
+  """Why the workdir's run must not be resumed on this run's data ("" if it may): its
+  config.json records another dataset fingerprint or another scores file ("data"), or
+  cannot be read, so the data cannot be checked."""
   try:
     with open(os.path.join(workdir, "config.json")) as f:
-      before = json.load(f).get("data")
-  except (OSError, ValueError, AttributeError):
-    return  # written by a jaxddp that did not record its data: nothing to compare
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as error:
+    # Every run writes config.json before its first checkpoint: without it, what the
+    # checkpoints were trained on cannot be checked.
+    why = getattr(error, "strerror", None) or str(error).splitlines()[0]
+    return (f"--workdir={workdir} has checkpoints but its config.json cannot be read "
+            f"({why}), so the data they were trained on cannot be checked; restore it, or "
+            "use a new --workdir")
+  before = saved.get("data")
   if not isinstance(before, dict):
-    return
+    return ""  # written by a jaxddp that did not record its data: nothing to compare
   now = run.data_identity
   if before.get("dataset", now["dataset"]) != now["dataset"]:
-    raise ConfigError(f"--workdir={workdir} holds a run on other data ({before['dataset']}); "
-                      f"this run's data is {now['dataset']}; use a new --workdir")
+    return (f"--workdir={workdir} holds a run on other data ({before['dataset']}); this "
+            f"run's data is {now['dataset']}; use a new --workdir")
   if before.get("scores", now.get("scores")) != now.get("scores"):
-    raise ConfigError(f"config.data_pruning.scores={run.config.data_pruning.scores!r} changed "
-                      f"since this workdir's run started ({before['scores']} -> "
-                      f"{now.get('scores')}), which would change its subset mid-run; restore "
-                      "that file or use a new --workdir")
+    return (f"config.data_pruning.scores={run.config.data_pruning.scores!r} changed since "
+            f"this workdir's run started ({before['scores']} -> {now.get('scores')}), which "
+            "would change its subset mid-run; restore that file or use a new --workdir")
+  return ""
 
 
 def _announce(run: Setup, workdir: str, progress: Progress, start_step: int,

@@ -527,3 +527,66 @@ def test_an_out_that_is_a_file_is_one_line(script, tmp_path):
 def test_benchmark_flags_are_one_line(flags, expected):
   completed = _script(["scripts/benchmark.py", "--config=configs/mnist1d.py", *flags])
   _assert_one_error_line(completed, "benchmark.py", 2, expected)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupt"])
+def test_a_resume_without_a_readable_config_json_is_refused(damage, tmp_path):
+  """The record of the data a run trained on is its config.json: without it, a resume on
+  other data could not be told from one on the same (the trial resumed MNIST-1D's run on
+  4500 examples this way)."""
+  args = ["--config=configs/mnist1d.py", f"--workdir={tmp_path}", "--config.model.width=4",
+          "--config.train.num_steps=2", "--config.parallel.cpu_devices=2"]
+  assert run_main(args).returncode == 0
+  config_json = tmp_path / "config.json"
+  if damage == "deleted":
+    config_json.unlink()
+  else:
+    config_json.write_text("{corrupt")
+  before = _snapshot(tmp_path)
+  completed = run_main(args + ["--config.dataset.num_train_examples=4500"])
+  _assert_one_error_line(completed, "jaxddp", 2,
+                         f"--workdir={tmp_path} has checkpoints but its config.json cannot be "
+                         "read (", "restore it, or use a new --workdir")
+  assert _snapshot(tmp_path) == before
+
+
+def test_unreadable_data_files_say_so(tmp_path):
+  """An .npz dataset or a scores file this user cannot read: "Permission denied", not
+  "not an .npz file" or a traceback."""
+  npz, scores = tmp_path / "data.npz", tmp_path / "scores.npy"
+  np.savez(npz, x_train=np.zeros((8, 4, 1)), y_train=np.zeros(8), x_test=np.zeros((8, 4, 1)),
+           y_test=np.zeros(8))
+  np.save(scores, np.zeros(4000))
+  npz.chmod(0), scores.chmod(0)
+  for field, path in (("dataset.path", npz), ("data_pruning.scores", scores)):
+    extra = (["--config.dataset.name=npz"] if field == "dataset.path" else
+             ["--config.data_pruning.keep_fraction=0.5"])
+    completed = _script(["-c", _AS_ANY_USER, "-m", "jaxddp.main", "--config=configs/mnist1d.py",
+                         f"--workdir={tmp_path / 'run'}", f"--config.{field}={path}", *extra])
+    _assert_one_error_line(completed, "jaxddp", 2,
+                           f"config.{field}='{path}' cannot be read (Permission denied)")
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_without_get_config_says_so(tmp_path):
+  path = tmp_path / "no_function.py"
+  path.write_text("x = 1\n")
+  completed = run_main([f"--config={path}", f"--workdir={tmp_path / 'run'}",
+                        "--config.model.width=4"])
+  _assert_one_error_line(completed, "jaxddp", 2,
+                         f"could not load --config={path}: it has no get_config() function")
+
+
+def test_a_momentum_of_one_or_more_is_refused(tmp_path):
+  completed = run_main(["--config=configs/mnist1d.py", f"--workdir={tmp_path / 'run'}",
+                        "--config.optimizer.momentum=1.5"])
+  _assert_one_error_line(completed, "jaxddp", 2, "config.optimizer.momentum=1.5 is not valid; "
+                                                 "it must be a fraction in [0, 1)")
+  assert not (tmp_path / "run").exists()
+
+
+def test_compute_optimal_refuses_a_seed_given_twice(tmp_path):
+  completed = _script(["-m", "experiments.compute_optimal", "--config=configs/mnist1d.py",
+                       f"--out={tmp_path / 'out'}", "--seeds=0,0"])
+  _assert_one_error_line(completed, "compute_optimal.py", 2, "--seeds=0,0: a seed given twice")
+  assert not (tmp_path / "out").exists()

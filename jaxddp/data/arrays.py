@@ -177,6 +177,10 @@ def load_npz(path: str) -> ArrayDataset:
     raise ConfigError(f"{field} is a directory; give the .npz file itself")
   if not os.path.isfile(path):
     raise ConfigError(f"{field}: no such file")
+  try:
+    open(path, "rb").close()
+  except OSError as error:
+    raise ConfigError(f"{field} cannot be read ({error.strerror})") from None
   if not zipfile.is_zipfile(path):
     raise ConfigError(f"{field} is not an .npz file (not a zip archive); write one with "
                       f"numpy.savez(path, {'=..., '.join(NPZ_KEYS)}=...)")

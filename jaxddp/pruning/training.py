@@ -95,6 +95,11 @@ def load_scores(path: str, num_examples: int, fingerprint: str = "") -> np.ndarr
     raise ConfigError(f"{field}: no such file (write one with `python -m jaxddp.score`)")
   try:
     scores = np.load(path, allow_pickle=False)
+  except OSError as error:
+    if error.strerror:  # the file cannot be read at all (permission, I/O)
+      raise ConfigError(f"{field} cannot be read ({error.strerror})") from None
+    raise ConfigError(f"{field} is not an .npy file of numbers; scores are the "
+                      "WORKDIR/scores/<score>.npy that `python -m jaxddp.score` writes") from None
   except Exception:  # not an .npy file: a .json, text, a pickle
     raise ConfigError(f"{field} is not an .npy file of numbers; scores are the "
                       "WORKDIR/scores/<score>.npy that `python -m jaxddp.score` writes") from None
