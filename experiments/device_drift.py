@@ -108,6 +108,8 @@ def setup_jax(cache_dir: str) -> None:
   from jaxddp import parallel
   parallel.set_cpu_device_count(NUM_DEVICES)
   if cache_dir:
+    from jaxddp.workdir import checked
+    checked(cache_dir, "--cache_dir")  # a file there: one line, not a warning per program
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

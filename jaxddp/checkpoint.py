@@ -8,6 +8,7 @@ the state is all it takes to continue exactly where a run stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from flax import traverse_util
 
 from jaxddp.errors import ConfigError
@@ -35,6 +37,17 @@ def _open(directory: str) -> ocp.CheckpointManager:
   """A manager of an existing checkpoint directory (reopened: it needs the item handler)."""
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
                                item_handlers=ocp.StandardCheckpointHandler())
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """absl's log below ERROR silenced for the duration."""
+  previous = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(previous)
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -59,9 +72,10 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_handlers=ocp.StandardCheckpointHandler())
+    with _quiet_absl():  # it reads every step's metadata; a broken one is said by restore
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+          item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -76,7 +90,8 @@ class Checkpointer:
     if step is None:
       return state
     try:
-      saved = self.manager.item_metadata(step).tree
+      with _quiet_absl():  # orbax logs a warning for a broken step; the error says it
+        saved = self.manager.item_metadata(step).tree
     except Exception as error:  # orbax's errors for a step directory emptied or cut short
       detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
       raise ConfigError(f"the checkpoint at step {step} in {self.directory} cannot be read "

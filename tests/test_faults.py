@@ -465,7 +465,7 @@ def test_a_checkpoint_cut_short_is_one_line_that_says_what_to_delete(tmp_path):
     shutil.rmtree(item) if item.is_dir() else item.unlink()
   completed = run_main(args)
   _assert_one_error_line(completed, "jaxddp", 2, "the checkpoint at step 4 in ",
-                         f"cannot be read (", f"delete {step} to resume from an earlier")
+                         "cannot be read (", f"delete {step} to resume from an earlier")
 
 
 def test_a_prototype_score_without_its_run_writes_nothing(tmp_path):
@@ -589,4 +589,31 @@ def test_compute_optimal_refuses_a_seed_given_twice(tmp_path):
   completed = _script(["-m", "experiments.compute_optimal", "--config=configs/mnist1d.py",
                        f"--out={tmp_path / 'out'}", "--seeds=0,0"])
   _assert_one_error_line(completed, "compute_optimal.py", 2, "--seeds=0,0: a seed given twice")
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_without_classes_is_blamed_not_the_model(tmp_path):
+  class NoClasses:
+    name, num_classes, input_shape = "none", 0, (8, 8, 1)
+    num_train_examples, num_test_examples = 64, 32
+
+    def train_batches(self, **kwargs):
+      raise AssertionError("never read")
+
+    eval_batches = train_batches
+
+  with pytest.raises(ConfigError) as error:
+    train.train_and_evaluate(make_tiny_config(), str(tmp_path / "run"), dataset=NoClasses())
+  assert _one_line(error.value) == ("train_and_evaluate(dataset=...) gave a NoClasses whose "
+                                    "num_classes is 0; it must be an integer >= 1")
+  assert not (tmp_path / "run").exists()
+
+
+def test_device_drift_refuses_a_cache_dir_that_is_a_file(tmp_path):
+  a_file = tmp_path / "file"
+  a_file.write_text("")
+  completed = _script(["-m", "experiments.device_drift", f"--out={tmp_path / 'out'}",
+                       f"--cache_dir={a_file}", "--steps=1", "--seeds=0",
+                       "--variants=batch_norm"])
+  _assert_one_error_line(completed, "device_drift.py", 2, f"--cache_dir={a_file} is a file")
   assert not (tmp_path / "out").exists()

@@ -135,6 +135,11 @@ def check_dataset(dataset: object, what: str) -> None:
     raise ConfigError(f"{what} gave a {type(dataset).__name__}, which is not a Dataset: it has "
                       f"no {', '.join(missing)} (see jaxddp.data.Dataset, or wrap arrays in "
                       "jaxddp.data.ArrayDataset)")
+  for name in ("num_classes", "num_train_examples", "num_test_examples"):
+    value = getattr(dataset, name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ConfigError(f"{what} gave a {type(dataset).__name__} whose {name} is {value!r}; it "
+                        "must be an integer >= 1")
 
 
 def fingerprint(dataset: Dataset) -> str:
