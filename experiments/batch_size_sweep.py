@@ -162,7 +162,7 @@ def main() -> None:
   common.validate_runs(recipe_config(base, recipe, batch_size, base.train.batch_size,
                                      warmup_epochs)
                        for recipe in _RECIPES.value for batch_size in batch_sizes)
-  common.out_dir(_OUT.value)
+  common.check_out(_OUT.value)  # the first run creates it
   results = run_sweep(base, _OUT.value, batch_sizes, _RECIPES.value, warmup_epochs)
   figure = os.path.join(_OUT.value, "accuracy_vs_batch.png")
   plot(results, figure, f"{base.dataset.name}, {base.model.name}: test accuracy vs batch size "

@@ -89,6 +89,13 @@ def validate_runs(configs) -> None:
     config_lib.validate(config)
 
 
+def check_out(path: str, flag: str = "--out") -> str:
+  """The output directory, checked but not created (a name, not a file): a sweep's first
+  run creates it, so a run refused while it is set up leaves nothing behind."""
+  from jaxddp.workdir import checked
+  return checked(path, flag)
+
+
 def out_dir(path: str, flag: str = "--out") -> str:
   """Creates the output directory, or an Error in one line (a file there, no permission).
   Call it once every flag and run config is checked, so a refused command writes nothing."""

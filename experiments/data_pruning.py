@@ -274,7 +274,7 @@ def main() -> None:
     raise common.Error(f"--steps needs one number per regime ({len(regimes)})")
   config_lib.validate(base)
   common.validate_runs(_planned_configs(base, regimes, steps, settings))
-  common.out_dir(_OUT.value)
+  common.check_out(_OUT.value)  # the first run creates it
   exp = Experiment(base, _OUT.value, settings)
   if "static" in _PARTS.value:
     for regime, count in zip(regimes, steps):

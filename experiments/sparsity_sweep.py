@@ -149,7 +149,7 @@ def main() -> None:
   total_steps = _total_steps(base)
   common.validate_runs(method_config(base, method, sparsity, total_steps, _UPDATE_EVERY.value)
                        for method in _METHODS.value for sparsity in sparsities)
-  common.out_dir(_OUT.value)
+  common.check_out(_OUT.value)  # the first run creates it
   results = run_sweep(base, _OUT.value, _METHODS.value, sparsities, _UPDATE_EVERY.value)
   figure = os.path.join(_OUT.value, "accuracy_vs_sparsity.png")
   plot(results, figure, f"{base.dataset.name}, {base.model.name}: test accuracy vs weight "
