@@ -396,16 +396,6 @@ def predict(fit_path: str, budget: float) -> None:
   print(describe_plan(plan))
 
 
-def _numbers(flag: str, values: list[str], kind, low: float) -> list:
-  try:
-    numbers = [kind(v) for v in values]
-  except ValueError:
-    raise Error(f"--{flag}={','.join(values)}: not a list of {kind.__name__}s") from None
-  if not numbers or not all(math.isfinite(v) and v >= low for v in numbers):
-    raise Error(f"--{flag}={','.join(values)}: give one or more numbers, each at least {low:g}")
-  return numbers
-
-
 def _check_settings(out: str, settings: dict) -> None:
   """Refuses an --out whose runs were made with another config or pool: their rows
   would otherwise be taken for this one's. Writes nothing (see _save_settings)."""
@@ -499,9 +489,9 @@ def main() -> None:
   if _CONFIG.value is None or not _OUT.value:
     raise Error("--config and --out are required (or --fit and --predict)")
   settings = dict(
-      budgets=_numbers("budgets", _BUDGETS.value, float, 1.0),
-      widths=_numbers("widths", _WIDTHS.value, int, 1),
-      seeds=_numbers("seeds", _SEEDS.value, int, 0), min_steps=_MIN_STEPS.value,
+      budgets=common.numbers("budgets", _BUDGETS.value, float, 1.0),
+      widths=common.numbers("widths", _WIDTHS.value, int, 1),
+      seeds=common.numbers("seeds", _SEEDS.value, int, 0), min_steps=_MIN_STEPS.value,
       max_examples=_MAX_EXAMPLES.value, pool_examples=_POOL.value, window=_WINDOW.value,
       bootstraps=_BOOTSTRAPS.value, surface_bootstraps=_SURFACE_BOOTSTRAPS.value)
   _check_flags(settings)
@@ -513,8 +503,8 @@ def main() -> None:
     settings.update(budgets=[1e8, 2e8], widths=[2, 4, 8], min_steps=4, max_examples=8000,
                     pool_examples=8000, bootstraps=50, surface_bootstraps=10, window=2.0,
                     seeds=[0])
-  check_seeds = (_numbers("check_seeds", _CHECK_SEEDS.value, int, 0) if _CHECK_SEEDS.value
-                 else settings["seeds"])
+  check_seeds = (common.numbers("check_seeds", _CHECK_SEEDS.value, int, 0)
+                 if _CHECK_SEEDS.value else settings["seeds"])
   run(check_seeds=check_seeds, **settings)
 
 
