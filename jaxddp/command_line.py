@@ -59,6 +59,9 @@ def parse_flags(argv: list[str], program: str = "jaxddp",
     if "get_config" in str(error):  # a config file without one
       fail(f"could not load {_config_arg(argv)}: it has no get_config() function", 2,
            program=program)
+    if "NoneType" in str(error):  # an override applied to what get_config() returned
+      fail(f"{_config_arg(argv)}: get_config() returned None; it must return an "
+           "ml_collections.ConfigDict", 2, program=program)
     # ml_collections reports an unknown --config.x key as KeyError/AttributeError whose
     # message is the missing key and a suggestion ("Did you mean ...").
     fail(_unknown_key_message(str(error), argv), 2, program=program)
@@ -83,20 +86,20 @@ def parse_flags(argv: list[str], program: str = "jaxddp",
       continue
     try:  # config_flags loads a config file at the first access to its value
       if flag.value is None:
-        fail(f"--{name}={flag.serialize().split('=', 1)[-1]}: get_config() returned None; it "
-             "must return an ml_collections.ConfigDict", 2, program=program)
+        fail(f"{_config_arg(argv, name)}: get_config() returned None; it must return an "
+             "ml_collections.ConfigDict", 2, program=program)
       flag.value.to_dict()
     except Exception as error:  # a missing file, or an exception inside the config file
       lines = [line.strip().removeprefix(_EARLIER_FAILURE)
                for line in str(error).splitlines() if line.strip()]
-      fail(f"could not load --{name}: {type(error).__name__}: {lines[-1] if lines else ''}",
-           2, program=program)
+      fail(f"could not load {_config_arg(argv, name)}: {type(error).__name__}: "
+           f"{lines[-1] if lines else ''}", 2, program=program)
 
 
 # How config_flags words a file it could not load, before saying why.
 _EARLIER_FAILURE = "Configuration is not available because of an earlier failure to load: "
 
 
-def _config_arg(argv: list[str]) -> str:
-  """The --config=FILE argument (the first config file given), for an error line."""
-  return next((arg for arg in argv[1:] if arg.startswith("--config=")), "--config")
+def _config_arg(argv: list[str], name: str = "config") -> str:
+  """The --NAME=FILE argument of a config file flag, for an error line."""
+  return next((arg for arg in argv[1:] if arg.startswith(f"--{name}=")), f"--{name}")

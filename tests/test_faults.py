@@ -424,8 +424,8 @@ def test_score_help_says_what_holds_across_device_counts():
 # --- Found by the fresh-clone trial of this issue (one line each, nothing written) --------
 
 _BAD_CONFIGS = {
-    "missing": (None, "could not load --config: OSError: [Errno 2] No such file or directory"),
-    "a directory": ("", "could not load --config: OSError: [Errno 21] Is a directory"),
+    "missing": (None, ": OSError: [Errno 2] No such file or directory"),
+    "a directory": ("", ": OSError: [Errno 21] Is a directory"),
     "bad syntax": ("def get_config(:\n", "SyntaxError: invalid syntax"),
     "raises": ("def get_config():\n  raise RuntimeError('boom')\n", "RuntimeError: boom"),
     "returns None": ("def get_config():\n  pass\n", "get_config() returned None"),
@@ -440,8 +440,11 @@ def test_a_config_file_that_does_not_load_is_one_line(kind, tmp_path):
     path = tmp_path
   elif text is not None:
     path.write_text(text)
-  completed = run_main([f"--config={path}", f"--workdir={tmp_path / 'run'}"])
-  _assert_one_error_line(completed, "jaxddp", 2, expected)
+  for overrides in ([], ["--config.model.width=4"]):  # config_flags applies them on load
+    completed = run_main([f"--config={path}", f"--workdir={tmp_path / 'run'}", *overrides])
+    line = _assert_one_error_line(completed, "jaxddp", 2, expected)
+    assert line.startswith(f"jaxddp: error: could not load --config={path}: " if kind !=
+                           "returns None" else f"jaxddp: error: --config={path}: "), line
   assert not (tmp_path / "run").exists()
 
 
