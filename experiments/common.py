@@ -97,16 +97,10 @@ def check_out(path: str, flag: str = "--out") -> str:
 
 
 def out_dir(path: str, flag: str = "--out") -> str:
-  """Creates the output directory, or an Error in one line (a file there, no permission).
+  """Creates the output directory, or a one-line error (a file there, no permission).
   Call it once every flag and run config is checked, so a refused command writes nothing."""
-  from jaxddp.workdir import checked
-  path = checked(path, flag)
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as error:
-    raise Error(f"{flag}={path} cannot be created ({error.strerror or type(error).__name__})"
-                ) from None
-  return path
+  from jaxddp.workdir import writable
+  return writable(path, flag)
 
 
 def quiet(config, **changes):

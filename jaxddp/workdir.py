@@ -38,8 +38,10 @@ def checked(workdir: Any, flag: str = "--workdir") -> str:
   return workdir
 
 
-def _writable(workdir: str, flag: str) -> None:
-  """Creates the workdir and writes (then removes) a file in it, or a one-line ConfigError."""
+def writable(workdir: str, flag: str = "--workdir") -> str:
+  """Creates the directory and writes (then removes) a file in it, or a one-line
+  ConfigError (a file there, no permission); returns it."""
+  workdir = checked(workdir, flag)
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.TemporaryFile(dir=workdir):
@@ -48,6 +50,7 @@ def _writable(workdir: str, flag: str) -> None:
     why = error.strerror or type(error).__name__
     raise ConfigError(f"{flag}={workdir} cannot be written ({why}); give a directory this "
                       "user can write") from None
+  return workdir
 
 
 class Lock:
@@ -67,7 +70,7 @@ class Lock:
   def __enter__(self) -> "Lock":
     holder = ""  # empty: this run holds the lock
     if self.is_leader:
-      _writable(self.workdir, self.flag)
+      writable(self.workdir, self.flag)
       holder = self._acquire()
     holder = self.agree(holder)
     if holder:
