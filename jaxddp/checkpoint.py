@@ -56,6 +56,15 @@ def has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
+def latest_step(workdir: str) -> int:
+  """The step of workdir's latest finished checkpoint, 0 if it has none: where a run in
+  that workdir starts (checked without writing)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return 0
+  return max((int(name) for name in os.listdir(directory) if name.isdigit()), default=0)
+
+
 def _first_difference(saved: dict, wanted: dict) -> str | None:
   for name in sorted(set(saved) | set(wanted)):
     if name not in saved:

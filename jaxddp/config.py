@@ -80,6 +80,11 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
   return value
 
 
+# Sections whose fields are the user's: their own (extra), or a search space that mirrors
+# the config (tune.space, checked by jaxddp.tune against the config's fields).
+FREE_FORM = ("extra", "tune.space")
+
+
 def _check_no_unknown_fields(config: ml_collections.ConfigDict) -> None:
   """A field the defaults do not have is a typo nothing would read (config.train.bach_size
   = 3 in Python adds a field; the command line refuses it): one line, with the nearest name."""
@@ -92,7 +97,8 @@ def _check_no_unknown_fields(config: ml_collections.ConfigDict) -> None:
         hint = f'; did you mean "{close[0]}"?' if close else ""
         raise ConfigError(f"config.{path}{key} is not a field of jaxddp's config{hint} (every "
                           "field is in jaxddp/default_config.py; your own go in config.extra)")
-      if isinstance(value, dict) and isinstance(known[key], dict) and key != "extra":
+      if isinstance(value, dict) and isinstance(known[key], dict) and \
+          f"{path}{key}" not in FREE_FORM:
         walk(value, known[key], f"{path}{key}.")
 
   walk(config.to_dict(), defaults().to_dict(), "")

@@ -312,6 +312,46 @@ def get_config() -> ml_collections.ConfigDict:
   # 0 disables it.
   config.distributed.hang_timeout = 1200
 
+  # Hyperparameter search: `python -m jaxddp.tune` (or jaxddp.tune) runs a study of
+  # num_trials ordinary runs on Optuna, each in workdir/trials/NNNN (README,
+  # "Hyperparameter search"). `python -m jaxddp.main` ignores this section.
+  config.tune = ml_collections.ConfigDict()
+  # The search space, mirroring the config: each field to search holds a distribution,
+  # e.g. config.tune.space = ml_collections.ConfigDict({"optimizer": {"learning_rate":
+  # "log_uniform(1e-3, 1.0)"}}) (configs/tune_mnist1d.py). One of
+  # uniform(low, high), log_uniform(low, high) (low > 0), int_uniform(low, high),
+  # int_log_uniform(low, high) (both ends included), choice(a, b, ...) (values of the
+  # field's type). "" leaves a field out of the search (--config.tune.space.X="").
+  config.tune.space = ml_collections.ConfigDict()
+  # Trials in the whole study, over every worker and host; the study never runs more.
+  config.tune.num_trials = 20
+  # tpe, random, grid (every value of every choice; choices only) or cmaes.
+  config.tune.sampler = "tpe"
+  # On the evaluation every train.eval_every steps: asha (successive halving),
+  # hyperband, median, or none.
+  config.tune.pruner = "asha"
+  # What the study optimises: accuracy or loss of the final evaluation on the test
+  # split, maximised or minimised ("auto": maximise accuracy, minimise loss).
+  config.tune.metric = "accuracy"
+  config.tune.direction = "auto"
+  # Where the study lives: '' = an SQLite file, workdir/study.db; an SQLAlchemy URL
+  # (sqlite:///path, postgresql://user:password@host/db, mysql://...); or
+  # journal:PATH, a journal file (for a file system shared by hosts, e.g. NFS).
+  config.tune.storage = ""
+  # Workers with the same storage and study name share one study ('' = "jaxddp").
+  config.tune.study_name = ""
+  # Devices each trial trains on, data-parallel (0 = all of this host's devices, one
+  # trial at a time). The host's devices are split into groups of this many, one
+  # worker per group: --workers=auto starts them all.
+  config.tune.devices_per_trial = 0
+  # Seed of the sampler (each trial's own seed for training is config.seed).
+  config.tune.seed = 0
+  # A worker records a heartbeat every heartbeat_seconds while it runs a trial; a
+  # trial without one for stale_after_seconds (its worker was killed or its host
+  # lost) is taken up again by any worker, from its last checkpoint.
+  config.tune.heartbeat_seconds = 10
+  config.tune.stale_after_seconds = 60
+
   # Fields of your own model, dataset or loss (factories get the whole config): put them
   # here, e.g. config.extra.depth = 4 in your config file, --config.extra.depth=6 on the
   # command line. A field anywhere else that is not above is refused as a typo.

@@ -81,6 +81,20 @@ def select_devices(cpu_devices: int) -> list[jax.Device]:
   return devices[:cpu_devices]
 
 
+# Set by jaxddp.tune in each worker process: which of the host's devices the process was
+# given (e.g. "cpu 2,3 of 0-7"), since a process sees its own group numbered from 0.
+DEVICE_GROUP_VARIABLE = "JAXDDP_DEVICE_GROUP"
+
+
+def describe_devices(devices: list[jax.Device]) -> str:
+  """The devices a run trains on, for its recipe: "cpu 0,1", and, in a jaxddp.tune worker,
+  which of the host's devices they are."""
+  ids = ",".join(str(device.id) for device in devices)
+  described = f"{devices[0].platform} {ids}" if devices else ""
+  group = os.environ.get(DEVICE_GROUP_VARIABLE)
+  return f"{described} (host devices {group})" if group else described
+
+
 class _Backend:
   """What both backends share: they differ only in how the state and batches are laid
   out on the devices (put_state, global_state, put_batches) and in how the steps are

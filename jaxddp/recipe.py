@@ -47,6 +47,7 @@ class Recipe:
   decay_steps: tuple[int, ...]  # step schedule: updates after which the LR is multiplied
   eval_steps: int
   data_pruning: str = "none"  # what data pruning does (DataPruning.description)
+  devices: str = ""  # which devices: parallel.describe_devices (a tune worker's host group)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

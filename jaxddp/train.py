@@ -42,6 +42,10 @@ from jaxddp.workdir import Lock as WorkdirLock
 from jaxddp.workdir import checked as checked_workdir
 
 
+# Called with (steps done, the evaluation's metrics) after each periodic evaluation.
+OnEvaluate = Callable[[int, dict[str, float]], None]
+
+
 class TrainingInterrupted(Exception):
   """A signal stopped the run after it saved a checkpoint; rerun to resume."""
 
@@ -126,7 +130,8 @@ def setup(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
                    len(kept), num_test_examples=dataset.num_test_examples,
                    num_devices=len(devices), num_processes=jax.process_count())
   data_pruning = pruning.create(config, dataset, recipe, kept)
-  recipe = dataclasses.replace(recipe, data_pruning=data_pruning.description)
+  recipe = dataclasses.replace(recipe, data_pruning=data_pruning.description,
+                               devices=parallel.describe_devices(devices))
   model = _model(config, model, dataset)
   train_loss, eval_loss = losses.get(config, loss_fn)
   losses.check(eval_loss, dataset.num_classes)
@@ -159,13 +164,16 @@ def _model(config: ml_collections.ConfigDict, model: nn.Module | None,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        model: nn.Module | None = None, dataset: data.Dataset | None = None,
-                       loss_fn: losses.LossFn | None = None) -> TrainResult:
+                       loss_fn: losses.LossFn | None = None,
+                       on_evaluate: OnEvaluate | None = None) -> TrainResult:
   """Trains data-parallel on every selected device, then evaluates on the test split.
 
   `model` (a Flax module called as model(x, train=bool) that returns logits),
   `dataset` (a jaxddp.data.Dataset, e.g. jaxddp.data.ArrayDataset) and `loss_fn`
   (logits, labels -> per-example losses) replace what the config names; see README,
-  "Your own model and data".
+  "Your own model and data". `on_evaluate(step, {"loss": ..., "accuracy": ...})` is
+  called after each evaluation every config.train.eval_every steps; an exception it
+  raises stops the run there (jaxddp.tune prunes trials so).
   """
   # --- 1. Set up: every user error surfaces here, before anything compiles or is written.
   workdir = checked_workdir(workdir)
@@ -207,7 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # --- 3. Train, and 4. evaluate on every test example.
     loop = TrainingLoop(run, state, checkpointer, progress,
                         MetricWriter(workdir, enabled=jax.process_index() == 0,
-                                     start_step=start_step))
+                                     start_step=start_step), on_evaluate)
     try:
       return loop.train(start_step)
     except NonFiniteLossError as error:
@@ -285,9 +293,10 @@ class TrainingLoop:
   """
 
   def __init__(self, run: Setup, state: TrainState, checkpointer: Checkpointer,
-               progress: Progress, writer: MetricWriter):
+               progress: Progress, writer: MetricWriter, on_evaluate: OnEvaluate | None = None):
     self.run, self.state, self.checkpointer = run, state, checkpointer
     self.progress, self.writer = progress, writer
+    self.on_evaluate = on_evaluate
     config = run.config
     self.window = LogWindow()
     self.watchdog = distributed.Watchdog(
@@ -359,6 +368,8 @@ class TrainingLoop:
     self.writer.write(done, {**{f"eval/{k}": v for k, v in scalars.items()},
                              **sparsity_report(run.sparsity, run.backend, self.state, done)})
     self.watchdog.pet()
+    if self.on_evaluate is not None:
+      self.on_evaluate(done, scalars)
 
   def checkpoint(self, done: int) -> None:
     self.in_flight.drain()  # a checkpoint holds only steps already checked
