@@ -8,6 +8,7 @@
                                        dataset=data)
 
     scores = jaxddp.score_examples(config, "runs/scores")  # data pruning: one per example
+    study = jaxddp.tune(config, "runs/tune")  # a hyperparameter search (config.tune)
     cost = jaxddp.scaling.model_cost(config, (40, 1), 10)  # N and FLOPs per example
 
 `jaxddp.models.register` and `jaxddp.data.register` add a model or dataset by name;
@@ -23,11 +24,12 @@ import importlib
 from typing import Any
 
 __all__ = ["cascade", "data", "get_config", "models", "nn", "pruning", "scaling",
-           "score_examples", "train_and_evaluate"]
+           "score_examples", "train_and_evaluate", "tune"]
 
 _SUBMODULES = ("cascade", "checkpoint", "config", "data", "distributed", "errors", "evaluate",
                "flops", "losses", "metrics", "models", "nn", "optim", "parallel", "pruning",
-               "recipe", "registry", "scaling", "score", "sparsity", "state", "steps", "train")
+               "recipe", "registry", "scaling", "score", "sparsity", "state", "steps", "train",
+               "tune")
 
 
 def get_config():

@@ -349,8 +349,8 @@ def get_config() -> ml_collections.ConfigDict:
   # A worker records a heartbeat every heartbeat_seconds while it runs a trial; a
   # trial without one for stale_after_seconds (its worker was killed or its host
   # lost) is taken up again by any worker, from its last checkpoint.
-  config.tune.heartbeat_seconds = 10
-  config.tune.stale_after_seconds = 60
+  config.tune.heartbeat_seconds = 10.0
+  config.tune.stale_after_seconds = 60.0
 
   # Fields of your own model, dataset or loss (factories get the whole config): put them
   # here, e.g. config.extra.depth = 4 in your config file, --config.extra.depth=6 on the

@@ -35,6 +35,7 @@ import copy
 import csv
 import dataclasses
 import difflib
+import fcntl
 import json
 import math
 import multiprocessing
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import warnings
 from typing import Any, Callable
 
@@ -380,10 +382,11 @@ def open_storage(config: ml_collections.ConfigDict, workdir: str):
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-  except ModuleNotFoundError as error:
-    raise ConfigError(f"{shown}: its database driver is not installed ({error.name}); e.g. "
-                      "pip install psycopg2-binary (PostgreSQL) or pymysql (mysql+pymysql://)"
-                      ) from None
+  except ImportError as error:  # Optuna's, for a missing driver: SQLAlchemy's is the cause
+    missing = getattr(error.__cause__, "name", None) or "?"
+    raise ConfigError(f"{shown}: its database driver ({missing}) is not installed; for "
+                      "postgresql:// pip install 'psycopg[binary]', for mysql:// pip install "
+                      "mysqlclient (or write mysql+pymysql:// and pip install pymysql)") from None
   except Exception as error:  # sqlalchemy's OperationalError, ArgumentError, ...
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     why = next((line for line in lines if not line.startswith("(Background")), "")
@@ -497,6 +500,24 @@ def _take_waiting_trial(study) -> int | None:
   return None
 
 
+@contextlib.contextmanager
+def _one_worker_at_a_time(url: str):
+  """Around taking trials on SQLite, a lock file beside the database: SQLite cannot lock
+  one row, so two workers could both see a trial WAITING and both take it (measured: four
+  workers on one file). PostgreSQL and MySQL lock the row (SELECT ... FOR UPDATE); a
+  journal file decides by the order of its log."""
+  path = url.split(":///", 1)[1] if url.startswith("sqlite") and ":///" in url else ""
+  if not path:
+    yield
+    return
+  with open(f"{path}.take.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Heartbeat:
   """Records the trial's heartbeat in the storage every `seconds` while it runs."""
 
@@ -545,8 +566,9 @@ class Worker:
     study.pruner = PRUNERS[config.tune.pruner]()
     with checkpoint.StopSignal() as stop:
       while stop.received is None:
-        _take_stale_trials(study, config.tune.stale_after_seconds)
-        trial_id = _take_waiting_trial(study)
+        with _one_worker_at_a_time(storage_url(config, self.workdir)):
+          _take_stale_trials(study, config.tune.stale_after_seconds)
+          trial_id = _take_waiting_trial(study)
         if trial_id is None:
           if not _trials(study, TrialState.RUNNING):
             return
@@ -704,7 +726,7 @@ class DeviceGroups:
   groups: tuple[tuple[int, ...], ...]
 
   def describe(self, group: tuple[int, ...]) -> str:
-    return f"{self.platform} {','.join(map(str, group))} of 0-{self.count - 1}"
+    return f"{','.join(map(str, group))} of 0-{self.count - 1}"
 
 
 def _host_devices(config: ml_collections.ConfigDict) -> tuple[str, int]:
@@ -780,7 +802,7 @@ def _worker_process(config, workdir, dimensions, label, devices, group, space, o
 def _run_workers(config, workdir, dimensions, devices, space, objects) -> None:
   """Runs one worker per device group: here if there is one, else each in a process of
   its own; waits for all (SIGTERM and Ctrl-C are passed on to them)."""
-  labels = [f"worker {k}" + (f" ({devices.describe(g)})" if g else "")
+  labels = [f"worker {k}" + (f" ({devices.platform} {devices.describe(g)})" if g else "")
             for k, g in enumerate(devices.groups)]
   if len(devices.groups) == 1:
     config = _use_group(config, devices, devices.groups[0])
@@ -1084,6 +1106,17 @@ def main(argv: list[str] | None = None) -> None:
   except RuntimeError as error:
     fail(str(error), 1, program="jaxddp.tune")
 
+
+class _CallableModule(types.ModuleType):
+  """`jaxddp.tune` names this module (python -m jaxddp.tune) and, called, the function
+  `tune` above: importing the submodule makes it the package's attribute `tune`, so the
+  module itself must be what `jaxddp.tune(config, workdir)` calls."""
+
+  def __call__(self, *args, **kwargs) -> TuneResult:
+    return tune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
   main()
