@@ -58,9 +58,11 @@ class TrainingInterrupted(Exception):
 class NonFiniteLossError(Exception):
   """The training loss became NaN or Inf; the last good checkpoint, if any, is kept.
 
-  `recipe` is the run's resolved recipe (set on the way out of train_and_evaluate).
+  `recipe` is the run's resolved recipe (set on the way out of train_and_evaluate);
+  `step` the step whose loss or parameters were not finite.
   """
   recipe: Recipe | None = None
+  step: int = 0
 
 
 @dataclasses.dataclass
@@ -436,8 +438,10 @@ class StepsInFlight:
         kept = (f"the last good checkpoint in {self.checkpoint_directory} is kept"
                 if checkpoint.has_checkpoint(os.path.dirname(self.checkpoint_directory)) else
                 "no checkpoint was written before it")
-        raise NonFiniteLossError(f"{what} at step {step + 1}; stopping ({kept}; try a lower "
-                                 "config.optimizer.learning_rate)")
+        error = NonFiniteLossError(f"{what} at step {step + 1}; stopping ({kept}; try a "
+                                   "lower config.optimizer.learning_rate)")
+        error.step = step + 1
+        raise error
       self.on_checked(metrics)
 
 

@@ -301,7 +301,15 @@ def _grid(dimensions: list[Dimension], seed: int):
       raise ConfigError(f"config.tune.sampler='grid' needs every dimension to be a choice; "
                         f"config.tune.space.{d.field}={d.text!r} is a range")
     grid[d.field] = list(d.distribution.choices)
-  return optuna.samplers.GridSampler(grid, seed=seed)
+
+  class Grid(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, except that it never calls study.stop() once the grid is used
+    up (which raises outside study.optimize); the study stops at num_trials."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+      pass
+
+  return Grid(grid, seed=seed)
 
 
 @SAMPLERS.register("cmaes")
@@ -638,8 +646,16 @@ class Worker:
         _log_attempt(workdir, number, self.label, checkpoint.latest_step(workdir), "stopped")
         storage.set_trial_state_values(trial_id, state=TrialState.WAITING)
         raise
-      except (train.NonFiniteLossError, ConfigError) as error:
-        _log_attempt(workdir, number, self.label, checkpoint.latest_step(workdir), "failed")
+      except train.NonFiniteLossError as error:
+        # A result, not a fault: told as pruned (at its last evaluation's value, if any),
+        # so that the sampler learns to avoid the region; Optuna's samplers skip failed
+        # trials and would propose it again.
+        self._record(trial, workdir, error.step, time.time() - started)
+        _log_attempt(workdir, number, self.label, error.step, "diverged")
+        self._end(study, trial, TrialState.PRUNED, f"diverged at step {error.step}")
+        return
+      except ConfigError as error:  # e.g. a batch size the trial's devices do not divide
+        _log_attempt(workdir, number, self.label, start_step, "failed")
         self._end(study, trial, TrialState.FAIL, str(error).splitlines()[0])
         return
       self._record(trial, workdir, result.last_step, time.time() - started)
@@ -658,7 +674,7 @@ class Worker:
     from optuna.trial import TrialState
     if why:
       trial.set_user_attr("why", why)
-    study.tell(trial, value, state=state)
+    value = study.tell(trial, value, state=state).value  # a pruned trial's: its last report
     ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                      TrialState.FAIL))
     ended = [t for t in ended if not _superseded(t, study)]
@@ -848,8 +864,9 @@ class TuneResult:
   best_trial: int | None
   best_config: ml_collections.ConfigDict | None
   complete: int
-  pruned: int
-  failed: int
+  pruned: int  # by the pruner, or because the run diverged (NaN or Inf loss)
+  diverged: int
+  failed: int  # the trial's config was invalid (e.g. its batch does not divide its devices)
   steps_run: int  # over every ended trial
   steps_planned: int  # had every trial run out
   seconds: float  # this call's wall time
@@ -880,9 +897,10 @@ def write_results(study, workdir: str, seconds: float) -> TuneResult:
   best_config = None
   if best is not None:
     best_config = _write_best_config(workdir, best, study)
+  diverged = sum(str(t.user_attrs.get("why", "")).startswith("diverged") for t in ended)
   result = TuneResult(study, best.value if best else None, best.number if best else None,
                       best_config, by_state[TrialState.COMPLETE], by_state[TrialState.PRUNED],
-                      by_state[TrialState.FAIL], steps_run, steps_planned, seconds)
+                      diverged, by_state[TrialState.FAIL], steps_run, steps_planned, seconds)
   summary = {k: v for k, v in dataclasses.asdict(result).items()
              if k not in ("study", "best_config")}
   summary.update(study=study.study_name, direction=study.direction.name.lower(),
@@ -972,7 +990,8 @@ def format_result(result: TuneResult, metric: str) -> str:
   best = (f"best {metric} {result.best_value:.4g} (trial {result.best_trial})"
           if result.best_trial is not None else "no trial completed")
   return (f"jaxddp.tune: study {result.study.study_name!r}: {best}; "
-          f"{result.complete} complete, {result.pruned} pruned, {result.failed} failed; "
+          f"{result.complete} complete, {result.pruned} pruned ({result.diverged} of them "
+          f"diverged), {result.failed} failed; "
           f"{result.steps_run} of {result.steps_planned} steps run "
           f"({result.compute_saved:.0%} saved by pruning); {result.seconds:.0f} s")
 
@@ -1025,6 +1044,11 @@ def check(config: ml_collections.ConfigDict, *, space: SpaceFunction | None = No
     raise ConfigError(f"tune(space=...) got a {type(space).__name__}; pass a function "
                       "space(trial, config)")
   SAMPLERS[tune.sampler](dimensions, tune.seed)  # an unknown name, or a grid over a range
+  if tune.sampler == "grid":
+    points = math.prod(len(d.distribution.choices) for d in dimensions)
+    if tune.num_trials > points and space is None:
+      raise ConfigError(f"config.tune.num_trials={tune.num_trials} but the grid has {points} "
+                        f"points; set num_trials to {points} (more would repeat points)")
   return dimensions
 
 

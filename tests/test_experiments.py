@@ -108,3 +108,23 @@ def test_data_pruning_quick(tmp_path):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   for score in ("el2n", "forgetting", "prototype"):
     assert (tmp_path / "scores_1000" / "scores" / f"{score}.json").exists()
+
+
+def test_tuning_quick(tmp_path):
+  """Every part of experiments/tuning.py on two trials per study: one row per study, the
+  rules' predictions from the tuned rate at the reference batch, and the figure."""
+  command = [sys.executable, "-m", "experiments.tuning", f"--out={tmp_path}", "--quick",
+             "--config.model.width=8"]
+  completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["part"], r["study"]) for r in rows] == [
+      ("lr_vs_batch", "b64"), ("lr_vs_batch", "b128"), ("samplers", "tpe_none_s0"),
+      ("samplers", "random_none_s0"), ("pruning", "tpe_asha_s0")]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  lr = {r["batch_size"]: r for r in summary["lr_vs_batch"]["rows"]}
+  assert lr[64]["linear_rule_lr"] == lr[128]["tuned_lr"] * 64 / 128  # anchored at batch 128
+  assert summary["search"]["best_found"] == max(float(r["best_accuracy"]) for r in rows[2:])
+  with open(tmp_path / "tuning.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"

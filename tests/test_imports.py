@@ -33,7 +33,7 @@ LAYERS = (
     ("config",),  # validation of a whole config against every registry
     ("train",),  # the run, top to bottom
     ("command_line",),  # flags parsed with one-line errors, for every command line
-    ("main", "score"),  # command lines
+    ("main", "score", "tune"),  # command lines (tune: studies of many runs)
     ("scaling", "cascade"),  # planning from finished runs
     ("__init__",),  # the public API
 )

@@ -230,6 +230,10 @@ def test_two_workers_share_a_study_of_exactly_num_trials(storage, tmp_path, requ
   assert len(study.trials) == len(trials) == 8
   assert sorted(t.number for t in trials) == list(range(8))
   assert len({t.user_attrs["workdir"] for t in trials}) == 8
+  for trial in trials:  # each ran once, by one worker
+    with open(workdir / trial.user_attrs["workdir"] / "attempts.jsonl") as f:
+      events = [json.loads(line)["event"] for line in f]
+    assert events.count("started") == 1 and len(events) == 2, (trial.number, events)
   workers = {t.user_attrs["worker"].split(" (")[0] for t in trials}
   assert workers == {"worker 0", "worker 1"}, workers
   assert done.stdout.count("trials ended") == 8  # a progress line per trial
@@ -370,19 +374,21 @@ def test_eight_devices_packed_two_per_trial_run_four_trials_at_once(tmp_path):
 
 def test_the_api_takes_a_define_by_run_space_and_a_dataset(tmp_path):
   """jaxddp.tune in this process: a conditional space (the momentum only for momentum
-  SGD) on a dataset passed as an object."""
+  SGD) on a dataset passed as an object, in a journal file."""
   import jaxddp
   from jaxddp import data
   rng = np.random.default_rng(0)
   x = rng.normal(size=(256, 40, 1)).astype(np.float32)
   y = (x[:, :20, 0].sum(1) > 0).astype(np.int32)
   dataset = data.ArrayDataset(x[:192], y[:192], x[192:], y[192:])
-  config = study_config(num_trials=3, pruner="median")
+  journal = tmp_path / "journal.log"  # the storage for file systems that hosts share
+  config = study_config(num_trials=3, pruner="median", storage=f"journal:{journal}")
   config.parallel.cpu_devices = 1
   config.tune.space = ml_collections.ConfigDict({"optimizer": {"name": "choice(momentum, adamw)"}})
 
   result = jaxddp.tune(config, str(tmp_path / "study"), space=conditional_space, dataset=dataset)
-  study = load(tmp_path / "study")
+  study = optuna.load_study(study_name="jaxddp", storage=optuna.storages.JournalStorage(
+      optuna.storages.journal.JournalFileBackend(str(journal))))
   assert result.complete + result.pruned == 3 == len(study.trials)
   for trial in study.trials:
     assert ("optimizer.momentum" in trial.params) == (trial.params["optimizer.name"] ==
@@ -399,3 +405,27 @@ def conditional_space(trial, config):
   config.optimizer.learning_rate = trial.suggest_float("lr", 1e-3, 0.3, log=True)
   if config.optimizer.name == "momentum":
     config.optimizer.momentum = trial.suggest_float("optimizer.momentum", 0.5, 0.95)
+
+
+def test_a_diverged_trial_is_told_as_pruned_and_the_study_goes_on(tmp_path):
+  """A learning rate that makes the loss NaN: the trial ends pruned ("diverged"), so that
+  the sampler learns from it, and the study ends with its other trials."""
+  config = study_config(num_trials=2, pruner="none", sampler="grid")
+  config.parallel.cpu_devices = 1
+  config.tune.space = ml_collections.ConfigDict(
+      {"optimizer": {"learning_rate": "choice(0.01, 1e12)"}})
+  result = tune_lib.tune(config, str(tmp_path / "study"))
+  study = load(tmp_path / "study")
+  by_lr = {t.params["optimizer.learning_rate"]: t for t in study.trials}
+  assert by_lr[0.01].state == TrialState.COMPLETE
+  assert by_lr[1e12].state == TrialState.PRUNED
+  assert by_lr[1e12].user_attrs["why"].startswith("diverged at step ")
+  assert (result.complete, result.pruned, result.diverged, result.failed) == (1, 1, 1, 0)
+
+
+def test_a_grid_larger_study_than_its_points_is_refused(tmp_path):
+  def change(config):
+    config.tune.sampler = "grid"
+    config.tune.space = ml_collections.ConfigDict(
+        {"optimizer": {"learning_rate": "choice(0.01, 0.1)"}})
+  bad(change, "num_trials=8 but the grid has 2 points", tmp_path)
