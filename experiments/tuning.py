@@ -6,7 +6,9 @@ Three parts (--parts), each a set of studies in OUT/<part>/<study> (an interrupt
 experiment continues where it stopped: a finished study is read back, an unfinished
 one goes on):
 
-    lr_vs_batch  the learning rate tuned alone (TPE, --lr_trials trials, no pruning) at
+    lr_vs_batch  the learning rate tuned alone (the grid sampler over --lr_grid, powers
+                 of 2 from 2^-9 to 2^3: the tuned rate is known within a factor of 2,
+                 and each batch size gets the whole accuracy-against-rate curve) at
                  every batch size of --batch_sizes, for the same number of epochs of
                  --lr_examples training examples; against what the linear and the
                  square-root scaling rules predict from the tuned rate at the config's
@@ -42,7 +44,8 @@ _PARTS = flags.DEFINE_list("parts", ["lr_vs_batch", "samplers", "pruning"], "Par
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8", "16", "32", "64", "128", "256", "512",
                                                  "1024", "2048", "4096"],
                                  "lr_vs_batch: global batch sizes.")
-_LR_TRIALS = flags.DEFINE_integer("lr_trials", 12, "lr_vs_batch: trials per batch size.")
+_LR_GRID = flags.DEFINE_list("lr_grid", [repr(2.0**k) for k in range(-9, 4)],
+                             "lr_vs_batch: the learning rates tried at every batch size.")
 _LR_EXAMPLES = flags.DEFINE_integer("lr_examples", 8192, "lr_vs_batch: training examples "
                                     "(MNIST-1D generates more than its standard 4000).")
 _LR_EPOCHS = flags.DEFINE_float("lr_epochs", 8, "lr_vs_batch: epochs at every batch size.")
@@ -60,15 +63,16 @@ FIELDS = ["part", "study", "batch_size", "sampler", "pruner", "seed", "trials", 
           "pruned", "diverged", "seconds"]
 
 
-def lr_config(base, batch_size: int, trials: int, workers: int, examples: int, epochs: float):
-  """The learning rate alone, searched at one batch size: no scaling rule, no warmup."""
+def lr_config(base, batch_size: int, grid: list[float], workers: int, examples: int,
+              epochs: float):
+  """The learning rate alone, over a grid at one batch size: no scaling rule, no warmup."""
   config = common.quiet(base, **{
       "dataset.num_train_examples": examples, "train.batch_size": batch_size,
       "train.eval_batch_size": 1000, "train.num_epochs": epochs, "optimizer.scaling": "none",
-      "optimizer.warmup_epochs": 0.0, "tune.num_trials": trials, "tune.sampler": "tpe",
+      "optimizer.warmup_epochs": 0.0, "tune.num_trials": len(grid), "tune.sampler": "grid",
       "tune.pruner": "none", "tune.devices_per_trial": 1, "parallel.cpu_devices": workers})
   config.tune.space = type(config.tune.space)(
-      {"optimizer": {"learning_rate": "log_uniform(0.001, 10.0)"}})
+      {"optimizer": {"learning_rate": f"choice({', '.join(map(repr, grid))})"}})
   return config
 
 
@@ -114,12 +118,15 @@ def main():
   if "pruning" in parts and "samplers" not in parts:
     raise common.Error("--parts=pruning compares with the samplers part's TPE studies: "
                        "add samplers")
-  batch_sizes = [int(b) for b in common.numbers("--batch_sizes", _BATCH_SIZES.value, int, 1)]
-  seeds = [int(s) for s in common.numbers("--seeds", _SEEDS.value, int, 0)]
-  workers, lr_trials, search_trials = _WORKERS.value, _LR_TRIALS.value, _SEARCH_TRIALS.value
+  batch_sizes = [int(b) for b in common.numbers("batch_sizes", _BATCH_SIZES.value, int, 1)]
+  seeds = [int(s) for s in common.numbers("seeds", _SEEDS.value, int, 0)]
+  grid = common.numbers("lr_grid", _LR_GRID.value, float, 0)
+  if min(grid) <= 0:
+    raise common.Error("--lr_grid: learning rates must be > 0")
+  workers, search_trials = _WORKERS.value, _SEARCH_TRIALS.value
   lr_epochs, search_epochs, examples = _LR_EPOCHS.value, _SEARCH_EPOCHS.value, _LR_EXAMPLES.value
   if quick:
-    batch_sizes, seeds, workers, lr_trials, search_trials = [64, 128], [0], 1, 2, 2
+    batch_sizes, seeds, workers, grid, search_trials = [64, 128], [0], 1, [0.01, 0.1], 2
     lr_epochs, search_epochs, examples = 1, 1, 4000
   base = _CONFIG.value
   reference = base.train.batch_size
@@ -127,7 +134,7 @@ def main():
   studies = []  # (part, name, config, row fields)
   if "lr_vs_batch" in parts:
     for b in batch_sizes:
-      studies.append(("lr_vs_batch", f"b{b}", lr_config(base, b, lr_trials, workers, examples,
+      studies.append(("lr_vs_batch", f"b{b}", lr_config(base, b, grid, workers, examples,
                                                         lr_epochs),
                       {"batch_size": b, "sampler": "tpe", "pruner": "none"}))
   for sampler, pruner, part in (("tpe", "none", "samplers"), ("random", "none", "samplers"),
