@@ -29,7 +29,7 @@ __all__ = ["cascade", "data", "get_config", "models", "nn", "pruning", "scaling"
 _SUBMODULES = ("cascade", "checkpoint", "config", "data", "distributed", "errors", "evaluate",
                "flops", "losses", "metrics", "models", "nn", "optim", "parallel", "pruning",
                "recipe", "registry", "scaling", "score", "sparsity", "state", "steps", "train",
-               "tune")
+               "search_space", "study", "tune")
 
 
 def get_config():

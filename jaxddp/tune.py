@@ -32,525 +32,30 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import dataclasses
-import difflib
-import fcntl
 import json
 import math
 import multiprocessing
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import types
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import ml_collections
 
 from jaxddp import checkpoint, parallel
-from jaxddp import config as config_lib
 from jaxddp.errors import ConfigError
-from jaxddp.registry import Registry
+from jaxddp.search_space import Dimension, SpaceFunction, parse_space, trial_config, validate
+from jaxddp.study import (CONTINUES, METRICS, POLL_SECONDS, PREVIOUS, PRUNERS, SAMPLERS,
+                          Heartbeat, TuneResult, direction, format_result, one_worker_at_a_time,
+                          open_storage, open_study, redacted, storage_url, superseded,
+                          take_stale_trials, take_waiting_trial, trials_in, write_results)
 from jaxddp.workdir import checked as checked_workdir
-
-# Trial attributes and study attributes that jaxddp keeps in the storage.
-_HEARTBEAT = "jaxddp:heartbeat"  # a trial's system attribute: time.time() of its last beat
-_CONTINUES = "jaxddp:continues"  # user attribute of a trial that resumes a killed one: the
-_PREVIOUS = "jaxddp:previous"    # first trial's number (its workdir), and the killed one's
-_STUDY_SETTINGS = "jaxddp:settings"  # what the study was made with (space, metric, trials)
-_STUDY_READY = "jaxddp:ready"  # set once the study's num_trials trials are queued
-POLL_SECONDS = 1.0  # how often an idle worker looks for a trial to take up
-
-SpaceFunction = Callable[[Any, ml_collections.ConfigDict], Any]
-
-
-# --- The search space -------------------------------------------------------------------
-
-KINDS = ("uniform", "log_uniform", "int_uniform", "int_log_uniform", "choice")
-_SYNTAX = ("uniform(low, high), log_uniform(low, high), int_uniform(low, high), "
-           "int_log_uniform(low, high) or choice(a, b, ...)")
-
-
-@dataclasses.dataclass(frozen=True)
-class Dimension:
-  """One searched config field: its path ("optimizer.learning_rate"), the distribution as
-  written, and its Optuna distribution."""
-  field: str
-  text: str
-  distribution: Any  # optuna.distributions.BaseDistribution
-
-  def suggest(self, trial) -> Any:
-    """The trial's value for this field (sampled, or the one a resumed trial was given)."""
-    import optuna
-    d = self.distribution
-    if isinstance(d, optuna.distributions.CategoricalDistribution):
-      return trial.suggest_categorical(self.field, d.choices)
-    if isinstance(d, optuna.distributions.IntDistribution):
-      return trial.suggest_int(self.field, d.low, d.high, log=d.log)
-    return trial.suggest_float(self.field, d.low, d.high, log=d.log)
-
-  def corners(self) -> list[Any]:
-    """The values whose configs are checked before the study starts: every choice, or
-    both ends of a range."""
-    d = self.distribution
-    return list(d.choices) if hasattr(d, "choices") else [d.low, d.high]
-
-
-def _field_value(config: ml_collections.ConfigDict, field: str) -> Any:
-  """The config's value at `field`, or a ConfigError naming the nearest field."""
-  node: Any = config
-  parts = field.split(".")
-  for depth, part in enumerate(parts):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      close = difflib.get_close_matches(part, known, n=1)
-      hint = f'; did you mean "{".".join(parts[:depth] + close)}"?' if close else ""
-      raise ConfigError(f"config.tune.space.{field}: the config has no field {field!r}{hint}")
-    node = node[part]
-  return node
-
-
-def _number(field: str, text: str, token: str) -> float | int:
-  try:
-    value = float(token)
-  except ValueError:
-    raise ConfigError(f"config.tune.space.{field}={text!r}: {token.strip()!r} is not a "
-                      "number") from None
-  if not math.isfinite(value):
-    raise ConfigError(f"config.tune.space.{field}={text!r}: the bounds must be finite")
-  return int(value) if value.is_integer() and "." not in token and "e" not in token.lower() \
-      else value
-
-
-def _choice_value(field: str, text: str, token: str, current: Any) -> Any:
-  """A choice written in the space, as a value of the field's type."""
-  token = token.strip()
-  if len(token) >= 2 and token[0] == token[-1] and token[0] in "'\"":
-    token = token[1:-1]
-  kind = type(current).__name__
-  try:
-    if isinstance(current, bool):
-      if token.lower() not in ("true", "false"):
-        raise ValueError
-      return token.lower() == "true"
-    if isinstance(current, int):
-      return int(token)
-    if isinstance(current, float):
-      return float(token)
-  except ValueError:
-    raise ConfigError(f"config.tune.space.{field}={text!r}: {token!r} is not a {kind}, the "
-                      f"type of config.{field} (now {current!r})") from None
-  return token
-
-
-def parse_dimension(field: str, text: str, current: Any) -> Dimension:
-  """The distribution `text` for config.`field` (whose value is now `current`), checked
-  against the field's type; a one-line ConfigError if it is malformed."""
-  import optuna
-  match = re.fullmatch(r"\s*(\w+)\s*\((.*)\)\s*", text, re.S)
-  if not match or match.group(1) not in KINDS:
-    raise ConfigError(f"config.tune.space.{field}={text!r} is not a distribution; write "
-                      f"{_SYNTAX}")
-  kind, body = match.group(1), match.group(2)
-  tokens = [t for t in (part.strip() for part in body.split(",")) if t] if body.strip() else []
-  if isinstance(current, (ml_collections.ConfigDict, tuple, list)) or current is None:
-    raise ConfigError(f"config.tune.space.{field}: config.{field} is a "
-                      f"{type(current).__name__}; only numbers, strings and booleans are "
-                      "searched")
-  if kind == "choice":
-    if not tokens:
-      raise ConfigError(f"config.tune.space.{field}={text!r} is an empty choice; give at "
-                        "least one value")
-    values = [_choice_value(field, text, token, current) for token in tokens]
-    if len(set(values)) != len(values):
-      raise ConfigError(f"config.tune.space.{field}={text!r} repeats a value")
-    return Dimension(field, text, optuna.distributions.CategoricalDistribution(values))
-  if len(tokens) != 2:
-    raise ConfigError(f"config.tune.space.{field}={text!r}: {kind} takes two bounds, "
-                      f"{kind}(low, high)")
-  low, high = (_number(field, text, token) for token in tokens)
-  if isinstance(current, bool) or isinstance(current, str):
-    raise ConfigError(f"config.tune.space.{field}={text!r}: config.{field} is a "
-                      f"{type(current).__name__} ({current!r}); search it with choice(...)")
-  integer = kind.startswith("int_")
-  if integer and not isinstance(current, int):
-    raise ConfigError(f"config.tune.space.{field}={text!r}: config.{field} is a float; use "
-                      f"{kind.removeprefix('int_')}(...)")
-  if not integer and isinstance(current, int):
-    raise ConfigError(f"config.tune.space.{field}={text!r}: config.{field} is an integer; use "
-                      f"int_{kind}(...)")
-  if integer and not (isinstance(low, int) and isinstance(high, int)):
-    raise ConfigError(f"config.tune.space.{field}={text!r}: {kind} takes integer bounds")
-  if not low < high:
-    raise ConfigError(f"config.tune.space.{field}={text!r}: low ({low}) must be below high "
-                      f"({high})")
-  log = "log_" in kind
-  if log and low <= 0:
-    raise ConfigError(f"config.tune.space.{field}={text!r}: {kind} needs bounds > 0 (got "
-                      f"low={low})")
-  if integer:
-    return Dimension(field, text, optuna.distributions.IntDistribution(low, high, log=log))
-  return Dimension(field, text, optuna.distributions.FloatDistribution(float(low), float(high),
-                                                                       log=log))
-
-
-def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_leaves(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def parse_space(config: ml_collections.ConfigDict,
-                given: tuple[str, ...] = ()) -> list[Dimension]:
-  """config.tune.space as Dimensions (fields left "" are not searched), each checked against
-  the config: the field exists and is not part of the study's own settings, its
-  distribution is well formed, and every choice (or both ends of a range) gives a config
-  that validates."""
-  dimensions = []
-  for field, text in _leaves(config.tune.space.to_dict()).items():
-    if text == "":
-      continue
-    if not isinstance(text, str):
-      raise ConfigError(f"config.tune.space.{field}={text!r} is not a distribution; write it "
-                        f"as a string: {_SYNTAX}")
-    if field.split(".")[0] == "tune":
-      raise ConfigError(f"config.tune.space.{field}: the study's own settings (config.tune) "
-                        "cannot be searched")
-    dimensions.append(parse_dimension(field, text, _field_value(config, field)))
-  for dimension in dimensions:
-    for value in dimension.corners():
-      try:
-        _validate(with_values(config, {dimension.field: value}), given)
-      except ConfigError as error:
-        raise ConfigError(f"config.tune.space.{dimension.field}={dimension.text!r}: the value "
-                          f"{value!r} is not valid: {error}") from None
-  return dimensions
-
-
-def _validate(config: ml_collections.ConfigDict, given) -> None:
-  """config_lib.validate, but names whose objects were passed (`given`: "model",
-  "dataset", "loss_fn") are not checked."""
-  config_lib.validate(config, model_given="model" in given, dataset_given="dataset" in given,
-                      loss_given="loss_fn" in given)
-
-
-def with_values(config: ml_collections.ConfigDict,
-                values: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A copy of `config` with each field path set to its value (ints stay ints)."""
-  config = copy.deepcopy(config)
-  for field, value in values.items():
-    *parents, last = field.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[last] = value
-  return config
-
-
-def trial_config(config: ml_collections.ConfigDict, dimensions: list[Dimension], trial,
-                 space: SpaceFunction | None) -> ml_collections.ConfigDict:
-  """The config of one trial: config.tune.space's values, then the define-by-run
-  `space(trial, config)`, which may change the config in place or return a new one."""
-  trial_cfg = with_values(config, {d.field: d.suggest(trial) for d in dimensions})
-  if space is not None:
-    returned = space(trial, trial_cfg)
-    if returned is not None:
-      if not isinstance(returned, ml_collections.ConfigDict):
-        raise ConfigError(f"tune(space=...) returned a {type(returned).__name__}; it must "
-                          "change the config it is given, or return an ml_collections."
-                          "ConfigDict")
-      trial_cfg = returned
-  return trial_cfg
-
-
-# --- Samplers, pruners, storage -----------------------------------------------------------
-
-SAMPLERS: Registry[Callable] = Registry("sampler", "tune.sampler")
-PRUNERS: Registry[Callable] = Registry("pruner", "tune.pruner")
-
-
-@SAMPLERS.register("tpe")
-def _tpe(dimensions: list[Dimension], seed: int):
-  import optuna
-  # The constant liar keeps parallel workers from proposing the same point.
-  return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-
-
-@SAMPLERS.register("random")
-def _random(dimensions: list[Dimension], seed: int):
-  import optuna
-  return optuna.samplers.RandomSampler(seed=seed)
-
-
-@SAMPLERS.register("grid")
-def _grid(dimensions: list[Dimension], seed: int):
-  import optuna
-  grid = {}
-  for d in dimensions:
-    if not hasattr(d.distribution, "choices"):
-      raise ConfigError(f"config.tune.sampler='grid' needs every dimension to be a choice; "
-                        f"config.tune.space.{d.field}={d.text!r} is a range")
-    grid[d.field] = list(d.distribution.choices)
-
-  class Grid(optuna.samplers.GridSampler):
-    """Optuna's grid sampler, except that it never calls study.stop() once the grid is used
-    up (which raises outside study.optimize); the study stops at num_trials."""
-
-    def after_trial(self, study, trial, state, values) -> None:
-      pass
-
-  return Grid(grid, seed=seed)
-
-
-@SAMPLERS.register("cmaes")
-def _cmaes(dimensions: list[Dimension], seed: int):
-  import optuna
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # experimental-feature warnings
-    return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-
-
-@PRUNERS.register("asha")
-def _asha():
-  import optuna
-  return optuna.pruners.SuccessiveHalvingPruner()
-
-
-@PRUNERS.register("hyperband")
-def _hyperband():
-  import optuna
-  return optuna.pruners.HyperbandPruner()
-
-
-@PRUNERS.register("median")
-def _median():
-  import optuna
-  return optuna.pruners.MedianPruner(n_startup_trials=3)
-
-
-@PRUNERS.register("none")
-def _no_pruning():
-  import optuna
-  return optuna.pruners.NopPruner()
-
-
-METRICS = ("accuracy", "loss")
-
-
-def direction(config: ml_collections.ConfigDict) -> str:
-  """maximize or minimize: config.tune.direction, or (auto) what suits the metric."""
-  if config.tune.direction == "auto":
-    return "maximize" if config.tune.metric == "accuracy" else "minimize"
-  return config.tune.direction
-
-
-def _redacted(url: str) -> str:
-  return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
-def storage_url(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The study's storage as written: config.tune.storage, or the workdir's SQLite file."""
-  return config.tune.storage or f"sqlite:///{os.path.abspath(workdir)}/study.db"
-
-
-def open_storage(config: ml_collections.ConfigDict, workdir: str):
-  """The study's Optuna storage, opened (a server is reached, tables made); a one-line
-  ConfigError if it cannot be."""
-  import optuna
-  url = storage_url(config, workdir)
-  shown = f"config.tune.storage={_redacted(url)!r}"
-  if url.startswith("journal:"):
-    path = url.removeprefix("journal:")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not path or not os.path.isdir(folder):
-      raise ConfigError(f"{shown}: the journal file's directory {folder} does not exist")
-    try:
-      return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
-    except OSError as error:
-      raise ConfigError(f"{shown}: cannot open the journal file: {error.strerror}") from None
-  if not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", url):
-    raise ConfigError(f"{shown} is not a storage; use '' (workdir/study.db), sqlite:///PATH, "
-                      "postgresql://USER:PASSWORD@HOST/DATABASE, mysql://... or journal:PATH")
-  engine = {"pool_pre_ping": True}
-  if url.startswith("sqlite"):
-    engine["connect_args"] = {"timeout": 60}  # several workers write to one file
-  else:
-    engine["connect_args"] = {"connect_timeout": 10}
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-  except ImportError as error:  # Optuna's, for a missing driver: SQLAlchemy's is the cause
-    missing = getattr(error.__cause__, "name", None) or "?"
-    raise ConfigError(f"{shown}: its database driver ({missing}) is not installed; for "
-                      "postgresql:// pip install 'psycopg[binary]', for mysql:// pip install "
-                      "mysqlclient (or write mysql+pymysql:// and pip install pymysql)") from None
-  except Exception as error:  # sqlalchemy's OperationalError, ArgumentError, ...
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    why = next((line for line in lines if not line.startswith("(Background")), "")
-    raise ConfigError(f"{shown}: cannot open it: {_redacted(why)[:300]}") from None
-
-
-# --- The study ----------------------------------------------------------------------------
-
-def _settings(config: ml_collections.ConfigDict, dimensions: list[Dimension],
-              space: SpaceFunction | None) -> dict[str, Any]:
-  """What a study is made with; a worker whose config differs is refused."""
-  described = None if space is None else \
-      f"{getattr(space, '__module__', '?')}:{getattr(space, '__qualname__', repr(space))}"
-  return {"space": {d.field: d.text for d in dimensions}, "space_function": described,
-          "metric": config.tune.metric, "num_trials": config.tune.num_trials}
-
-
-def open_study(config: ml_collections.ConfigDict, storage, dimensions: list[Dimension],
-               space: SpaceFunction | None):
-  """Creates the study, queueing its num_trials trials, or joins it after checking that
-  it was made with the same space, metric, direction and number of trials."""
-  import optuna
-  name = config.tune.study_name or "jaxddp"
-  settings = _settings(config, dimensions, space)
-  optuna.logging.set_verbosity(optuna.logging.WARNING)
-  try:
-    study = optuna.create_study(storage=storage, study_name=name,
-                                direction=direction(config), load_if_exists=False)
-  except optuna.exceptions.DuplicatedStudyError:
-    study = optuna.load_study(study_name=name, storage=storage)
-    _check_same_study(config, study, settings)
-    return study
-  study.set_user_attr(_STUDY_SETTINGS, settings)
-  # Every trial the study will run is queued now, so that workers anywhere take them
-  # without ever making one too many. Their parameters are sampled when one is taken.
-  for _ in range(config.tune.num_trials):
-    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING))
-  study.set_user_attr(_STUDY_READY, True)
-  return study
-
-
-def _check_same_study(config: ml_collections.ConfigDict, study, settings: dict) -> None:
-  name = study.study_name
-  if study.direction.name.lower() != direction(config):
-    raise ConfigError(f"study {name!r} in this storage {study.direction.name.lower()}s; this "
-                      f"config would {direction(config)}: use another config.tune.study_name")
-  deadline = time.time() + 60
-  while _STUDY_READY not in study.user_attrs:  # its first worker is queueing its trials
-    if time.time() > deadline:
-      raise ConfigError(f"study {name!r} was created but its trials were never queued (the "
-                        "worker that created it stopped); delete it (optuna delete-study "
-                        f"--study-name {name} --storage URL) or use another study_name")
-    time.sleep(POLL_SECONDS)
-  saved = study.user_attrs.get(_STUDY_SETTINGS)
-  if saved is None:
-    raise ConfigError(f"study {name!r} was not made by jaxddp.tune; use another "
-                      "config.tune.study_name")
-  for key in ("space", "space_function", "metric", "num_trials"):
-    if saved.get(key) != settings[key]:
-      raise ConfigError(f"study {name!r} was made with {key} {json.dumps(saved.get(key))}, "
-                        f"not {json.dumps(settings[key])}; use another config.tune.study_name "
-                        "(or the study's own settings)")
-
-
-def _study_id(study) -> int:
-  return study._storage.get_study_id_from_name(study.study_name)
-
-
-def _trials(study, *states):
-  return study.get_trials(deepcopy=False, states=states)
-
-
-def _take_stale_trials(study, stale_after: float) -> None:
-  """Fails every running trial whose heartbeat stopped more than `stale_after` seconds ago
-  and queues its continuation (same parameters, same workdir). Failing is atomic in the
-  storage, so one worker alone queues each continuation."""
-  import optuna
-  from optuna.trial import TrialState
-  storage, now = study._storage, time.time()
-  for trial in _trials(study, TrialState.RUNNING):
-    beat = trial.system_attrs.get(_HEARTBEAT) or trial.datetime_start.timestamp()
-    if now - beat <= stale_after:
-      continue
-    trial_id = storage.get_trial_id_from_study_id_trial_number(_study_id(study), trial.number)
-    try:
-      if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-        continue
-    except optuna.exceptions.UpdateFinishedTrialError:
-      continue  # another worker took it
-    study.enqueue_trial(trial.params, user_attrs={
-        _CONTINUES: trial.user_attrs.get(_CONTINUES, trial.number), _PREVIOUS: trial.number})
-    print(f"jaxddp.tune: trial {trial.number} had no heartbeat for {now - beat:.0f} s (its "
-          "worker died?); it will go on from its last checkpoint", flush=True)
-
-
-def _take_waiting_trial(study) -> int | None:
-  """A queued trial's id, now running and ours, or None; continuations of killed trials
-  first. Taking is atomic in the storage (WAITING -> RUNNING succeeds once)."""
-  import optuna
-  from optuna.trial import TrialState
-  storage = study._storage
-  waiting = sorted(_trials(study, TrialState.WAITING),
-                   key=lambda t: (_CONTINUES not in t.user_attrs, t.number))
-  for trial in waiting:
-    trial_id = storage.get_trial_id_from_study_id_trial_number(_study_id(study), trial.number)
-    try:
-      if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-        return trial_id
-    except optuna.exceptions.UpdateFinishedTrialError:
-      continue
-  return None
-
-
-@contextlib.contextmanager
-def _one_worker_at_a_time(url: str):
-  """Around taking trials on SQLite, a lock file beside the database: SQLite cannot lock
-  one row, so two workers could both see a trial WAITING and both take it (measured: four
-  workers on one file). PostgreSQL and MySQL lock the row (SELECT ... FOR UPDATE); a
-  journal file decides by the order of its log."""
-  path = url.split(":///", 1)[1] if url.startswith("sqlite") and ":///" in url else ""
-  if not path:
-    yield
-    return
-  with open(f"{path}.take.lock", "a") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-class Heartbeat:
-  """Records the trial's heartbeat in the storage every `seconds` while it runs."""
-
-  def __init__(self, storage, trial_id: int, seconds: float):
-    self.storage, self.trial_id, self.seconds = storage, trial_id, seconds
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._beat, daemon=True)
-
-  def _beat(self) -> None:
-    while True:
-      try:
-        self.storage.set_trial_system_attr(self.trial_id, _HEARTBEAT, time.time())
-      except Exception:  # the trial ended meanwhile, or the storage blinked: try again
-        pass
-      if self._stop.wait(self.seconds):
-        return
-
-  def __enter__(self) -> "Heartbeat":
-    self.storage.set_trial_system_attr(self.trial_id, _HEARTBEAT, time.time())
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self._stop.set()
-    self._thread.join()
 
 
 # --- A worker -----------------------------------------------------------------------------
@@ -567,18 +72,17 @@ class Worker:
 
   def run(self) -> None:
     """Takes trials until none is queued or running anywhere."""
-    import optuna
     from optuna.trial import TrialState
     config = self.config
     study = open_study(config, open_storage(config, self.workdir), self.dimensions, self.space)
     study.pruner = PRUNERS[config.tune.pruner]()
     with checkpoint.StopSignal() as stop:
       while stop.received is None:
-        with _one_worker_at_a_time(storage_url(config, self.workdir)):
-          _take_stale_trials(study, config.tune.stale_after_seconds)
-          trial_id = _take_waiting_trial(study)
+        with one_worker_at_a_time(storage_url(config, self.workdir)):
+          take_stale_trials(study, config.tune.stale_after_seconds)
+          trial_id = take_waiting_trial(study)
         if trial_id is None:
-          if not _trials(study, TrialState.RUNNING):
+          if not trials_in(study, TrialState.RUNNING):
             return
           time.sleep(POLL_SECONDS)  # others still run: one may die and need taking up
           continue
@@ -600,20 +104,20 @@ class Worker:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # e.g. the grid's "re-evaluating" on a continuation
       trial = optuna.Trial(study, trial_id)
-    first = trial.user_attrs.get(_CONTINUES, number)
+    first = trial.user_attrs.get(CONTINUES, number)
     workdir = os.path.join(self.workdir, "trials", f"{first:04d}")
     start_step = checkpoint.latest_step(workdir)
     with Heartbeat(storage, trial_id, config.tune.heartbeat_seconds):
       try:
         cfg = trial_config(config, self.dimensions, trial, self.space)
-        _validate(cfg, tuple(self.objects))
+        validate(cfg, tuple(self.objects))
       except ConfigError as error:
         self._end(study, trial, TrialState.FAIL, f"invalid config: {error}")
         return
       for key, value in (("workdir", os.path.relpath(workdir, self.workdir)),
                          ("worker", f"{self.label} pid {os.getpid()} on {socket.gethostname()}")):
         trial.set_user_attr(key, value)
-      previous = trial.user_attrs.get(_PREVIOUS)
+      previous = trial.user_attrs.get(PREVIOUS)
       if previous is not None:  # a killed trial's evaluations count toward pruning this one
         for step, value in sorted(study.trials[previous].intermediate_values.items()):
           if step <= start_step:  # later ones are run again
@@ -677,7 +181,7 @@ class Worker:
     value = study.tell(trial, value, state=state).value  # a pruned trial's: its last report
     ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                      TrialState.FAIL))
-    ended = [t for t in ended if not _superseded(t, study)]
+    ended = [t for t in ended if not superseded(t)]
     best = ""
     try:
       best = f"; best {study.best_value:.4g} (trial {study.best_trial.number})"
@@ -699,10 +203,6 @@ def _short(value: Any) -> str:
   return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _superseded(trial, study) -> bool:
-  """Whether `trial` is a killed trial that another one continued."""
-  from optuna.trial import TrialState
-  return trial.state == TrialState.FAIL and "why" not in trial.user_attrs
 
 
 def _saved_recipe(workdir: str) -> dict[str, Any]:
@@ -854,148 +354,6 @@ def _run_workers(config, workdir, dimensions, devices, space, objects) -> None:
     raise RuntimeError("; ".join(failed) + " (see its lines above)")
 
 
-# --- Results ------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class TuneResult:
-  """A study's outcome: its trials, the best one, and what pruning saved."""
-  study: Any  # optuna.Study
-  best_value: float | None
-  best_trial: int | None
-  best_config: ml_collections.ConfigDict | None
-  complete: int
-  pruned: int  # by the pruner, or because the run diverged (NaN or Inf loss)
-  diverged: int
-  failed: int  # the trial's config was invalid (e.g. its batch does not divide its devices)
-  steps_run: int  # over every ended trial
-  steps_planned: int  # had every trial run out
-  seconds: float  # this call's wall time
-
-  @property
-  def compute_saved(self) -> float:
-    return 1 - self.steps_run / self.steps_planned if self.steps_planned else 0.0
-
-
-def _ended(study) -> list:
-  from optuna.trial import TrialState
-  return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and
-          not _superseded(t, study)]
-
-
-def write_results(study, workdir: str, seconds: float) -> TuneResult:
-  """trials.csv, best_config.py, summary.json and plots/ in the workdir; the result."""
-  from optuna.trial import TrialState
-  trials = study.get_trials(deepcopy=False)
-  ended = _ended(study)
-  complete = [t for t in ended if t.state == TrialState.COMPLETE]
-  by_state = {s: sum(t.state == s for t in ended) for s in
-              (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-  steps_run = sum(t.user_attrs.get("steps") or 0 for t in ended)
-  steps_planned = sum(t.user_attrs.get("total_steps") or 0 for t in ended)
-  _write_csv(trials, study, os.path.join(workdir, "trials.csv"))
-  best = study.best_trial if complete else None
-  best_config = None
-  if best is not None:
-    best_config = _write_best_config(workdir, best, study)
-  diverged = sum(str(t.user_attrs.get("why", "")).startswith("diverged") for t in ended)
-  result = TuneResult(study, best.value if best else None, best.number if best else None,
-                      best_config, by_state[TrialState.COMPLETE], by_state[TrialState.PRUNED],
-                      diverged, by_state[TrialState.FAIL], steps_run, steps_planned, seconds)
-  summary = {k: v for k, v in dataclasses.asdict(result).items()
-             if k not in ("study", "best_config")}
-  summary.update(study=study.study_name, direction=study.direction.name.lower(),
-                 compute_saved=result.compute_saved)
-  _atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-  _plot(study, os.path.join(workdir, "plots"))
-  return result
-
-
-def _atomic_write(path: str, text: str) -> None:
-  with open(f"{path}.{os.getpid()}.tmp", "w") as f:
-    f.write(text)
-  os.replace(f"{path}.{os.getpid()}.tmp", path)
-
-
-def _write_csv(trials, study, path: str) -> None:
-  params = sorted({name for t in trials for name in t.params})
-  columns = ["number", "state", "value", *params, "steps", "total_steps", "seconds",
-             "devices", "workdir", "continues", "why"]
-  rows = []
-  for t in trials:
-    state = t.state.name.lower()
-    if _superseded(t, study):
-      state = "killed"
-    rows.append({"number": t.number, "state": state, "value": t.value, **t.params,
-                 "steps": t.user_attrs.get("steps"),
-                 "total_steps": t.user_attrs.get("total_steps"),
-                 "seconds": t.user_attrs.get("seconds"), "devices": t.user_attrs.get("devices"),
-                 "workdir": t.user_attrs.get("workdir"), "continues": t.user_attrs.get(_PREVIOUS),
-                 "why": t.user_attrs.get("why")})
-  import io
-  out = io.StringIO()
-  writer = csv.DictWriter(out, columns)
-  writer.writeheader()
-  writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
-  _atomic_write(path, out.getvalue())
-
-
-def _write_best_config(workdir: str, best, study) -> ml_collections.ConfigDict | None:
-  """workdir/best_config.py: the best trial's whole config (from its config.json), which
-  `python -m jaxddp.main --config=` runs as it is."""
-  try:
-    with open(os.path.join(workdir, best.user_attrs["workdir"], "config.json")) as f:
-      saved = json.load(f)
-  except (OSError, ValueError, KeyError):
-    return None
-  given = saved.get("given") or {}
-  note = ("# Trained with objects passed to jaxddp.tune, which this file cannot hold: "
-          f"{given}\n" if given else "")
-  text = (f'"""The best trial of study {study.study_name!r}: trial {best.number}, '
-          f'{study.user_attrs[_STUDY_SETTINGS]["metric"]} {best.value!r}.\n\n'
-          f"Written by jaxddp.tune. Rerun it with\n    python -m jaxddp.main "
-          f"--config={os.path.join(workdir, 'best_config.py')} --workdir=runs/best\n\n"
-          f"Searched: {json.dumps(best.params)}\n\"\"\"\n{note}\n"
-          "import ml_collections\n\n\ndef get_config():\n"
-          f"  return ml_collections.ConfigDict({saved['config']!r})\n")
-  _atomic_write(os.path.join(workdir, "best_config.py"), text)
-  return ml_collections.ConfigDict(saved["config"])
-
-
-def _plot(study, folder: str) -> None:
-  """Optuna's matplotlib plots of the study, one PNG each; one it cannot draw yet (e.g.
-  importances before two trials complete) is left out."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import optuna.visualization.matplotlib as plots
-  os.makedirs(folder, exist_ok=True)
-  for name, draw in (("history", plots.plot_optimization_history),
-                     ("intermediate_values", plots.plot_intermediate_values),
-                     ("param_importances", plots.plot_param_importances),
-                     ("parallel_coordinate", plots.plot_parallel_coordinate)):
-    try:
-      with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        axes = draw(study)
-      figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-      figure.set_size_inches(8, 5)
-      figure.tight_layout()
-      figure.savefig(os.path.join(folder, f"{name}.png"), dpi=100)
-      plt.close(figure)
-    except Exception:  # too few trials for this plot
-      plt.close("all")
-
-
-def format_result(result: TuneResult, metric: str) -> str:
-  best = (f"best {metric} {result.best_value:.4g} (trial {result.best_trial})"
-          if result.best_trial is not None else "no trial completed")
-  return (f"jaxddp.tune: study {result.study.study_name!r}: {best}; "
-          f"{result.complete} complete, {result.pruned} pruned ({result.diverged} of them "
-          f"diverged), {result.failed} failed; "
-          f"{result.steps_run} of {result.steps_planned} steps run "
-          f"({result.compute_saved:.0%} saved by pruning); {result.seconds:.0f} s")
-
-
 # --- The entry points ---------------------------------------------------------------------
 
 def check(config: ml_collections.ConfigDict, *, space: SpaceFunction | None = None,
@@ -1003,7 +361,7 @@ def check(config: ml_collections.ConfigDict, *, space: SpaceFunction | None = No
   """Every check that needs no storage and no devices: the config, config.tune, the
   space. A one-line ConfigError on the first problem."""
   given = tuple(objects or ())
-  _validate(config, given)
+  validate(config, given)
   tune = config.tune
   for field in ("num_trials", "heartbeat_seconds", "stale_after_seconds"):
     value = tune[field]
@@ -1076,7 +434,7 @@ def tune(config: ml_collections.ConfigDict, workdir: str, *, space: SpaceFunctio
     os.makedirs(workdir, exist_ok=True)
   study = open_study(config, open_storage(config, workdir), dimensions, space)
   print(f"jaxddp.tune: study {study.study_name!r} in "
-        f"{_redacted(storage_url(config, workdir))}: {config.tune.num_trials} trials, sampler "
+        f"{redacted(storage_url(config, workdir))}: {config.tune.num_trials} trials, sampler "
         f"{config.tune.sampler}, pruner {config.tune.pruner}, {direction(config)} "
         f"{config.tune.metric}; {len(devices.groups)} worker(s) here", flush=True)
   os.makedirs(workdir, exist_ok=True)

@@ -31,6 +31,7 @@ LAYERS = (
     ("parallel", "checkpoint", "distributed", "workdir"),
     ("evaluate",),  # whole-split evaluation and per-example outputs
     ("config",),  # validation of a whole config against every registry
+    ("search_space", "study"),  # a study's space; its storage, queue and results
     ("train",),  # the run, top to bottom
     ("command_line",),  # flags parsed with one-line errors, for every command line
     ("main", "score", "tune"),  # command lines (tune: studies of many runs)

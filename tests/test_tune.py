@@ -16,6 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import REPO, make_tiny_config
+from jaxddp import checkpoint, search_space, study as study_lib
 from jaxddp import tune as tune_lib
 from jaxddp.errors import ConfigError
 
@@ -88,7 +89,7 @@ def postgres(tmp_path_factory):
 # --- The space and the bad inputs (no training) ---------------------------------------------
 
 def test_distributions_take_the_type_of_their_field():
-  parse = tune_lib.parse_dimension
+  parse = search_space.parse_dimension
   assert parse("train.batch_size", "choice(32, 64)", 128).distribution.choices == (32, 64)
   assert parse("optimizer.learning_rate", "choice(0.1, 1)", 0.1).distribution.choices == (0.1,
                                                                                          1.0)
@@ -100,7 +101,7 @@ def test_distributions_take_the_type_of_their_field():
   assert (lr.low, lr.high, lr.log) == (1e-3, 1.0, True)
   width = parse("model.width", "int_log_uniform(8, 64)", 64).distribution
   assert isinstance(width, optuna.distributions.IntDistribution) and width.log
-  config = tune_lib.with_values(make_tiny_config(), {"train.batch_size": 32,
+  config = search_space.with_values(make_tiny_config(), {"train.batch_size": 32,
                                                      "optimizer.name": "adamw"})
   assert (config.train.batch_size, config.optimizer.name) == (32, "adamw")
 
@@ -181,9 +182,9 @@ def test_a_study_made_with_another_space_or_direction_is_refused(tmp_path):
   workdir = tmp_path / "study"
   config = study_config()
   workdir.mkdir()
-  storage = tune_lib.open_storage(config, str(workdir))
-  dimensions = tune_lib.parse_space(config)
-  tune_lib.open_study(config, storage, dimensions, None)
+  storage = study_lib.open_storage(config, str(workdir))
+  dimensions = search_space.parse_space(config)
+  study_lib.open_study(config, storage, dimensions, None)
   assert len(load(workdir).trials) == 8  # queued, all waiting
   before = os.path.getmtime(workdir / "study.db")
   other = study_config()
@@ -266,7 +267,7 @@ def wait_for_checkpoint(trial_dir, after, process, timeout=240):
   deadline = time.time() + timeout
   while time.time() < deadline:
     assert process.poll() is None, process.stdout.read()
-    step = tune_lib.checkpoint.latest_step(str(trial_dir))
+    step = checkpoint.latest_step(str(trial_dir))
     if step > after:
       return step
     time.sleep(0.1)
@@ -277,7 +278,6 @@ def test_a_stopped_or_killed_worker_resumes_its_trial_from_its_checkpoint(tmp_pa
   """Trial 0 is stopped by SIGTERM, then its worker is SIGKILLed, then a new worker ends
   it: its parameters are those of the same trial never interrupted, and every step up to
   each checkpoint ran once."""
-  from jaxddp import checkpoint
   config = study_config(num_trials=2, pruner="none", heartbeat_seconds=0.5,
                         stale_after_seconds=3)
   config.train.num_steps = 60
@@ -342,7 +342,7 @@ def _params(trial_dir):
   """The parameters in the trial's last checkpoint, as {path: array}, read without a model."""
   import orbax.checkpoint as ocp
   import jax
-  step = tune_lib.checkpoint.latest_step(str(trial_dir))
+  step = checkpoint.latest_step(str(trial_dir))
   tree = ocp.StandardCheckpointer().restore(os.path.join(trial_dir, "checkpoints", str(step),
                                                          "default"))
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in
