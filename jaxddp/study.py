@@ -438,17 +438,21 @@ def _write_best_config(workdir: str, best, study) -> ml_collections.ConfigDict |
 
 
 def _plot(study, folder: str) -> None:
-  """Optuna's matplotlib plots of the study, one PNG each; one it cannot draw yet (e.g.
-  importances before two trials complete) is left out."""
+  """Optuna's matplotlib plots of the study, one PNG each; one it cannot draw (e.g.
+  importances before two trials complete, intermediate values of a study that never
+  evaluated before its end) is left out."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import optuna.visualization.matplotlib as plots
   os.makedirs(folder, exist_ok=True)
+  evaluated = any(t.intermediate_values for t in study.get_trials(deepcopy=False))
   for name, draw in (("history", plots.plot_optimization_history),
                      ("intermediate_values", plots.plot_intermediate_values),
                      ("param_importances", plots.plot_param_importances),
                      ("parallel_coordinate", plots.plot_parallel_coordinate)):
+    if name == "intermediate_values" and not evaluated:
+      continue
     try:
       with warnings.catch_warnings():
         warnings.simplefilter("ignore")

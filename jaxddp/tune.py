@@ -42,6 +42,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 import types
 import warnings
 from typing import Any
@@ -158,9 +159,18 @@ class Worker:
         _log_attempt(workdir, number, self.label, error.step, "diverged")
         self._end(study, trial, TrialState.PRUNED, f"diverged at step {error.step}")
         return
-      except ConfigError as error:  # e.g. a batch size the trial's devices do not divide
-        _log_attempt(workdir, number, self.label, start_step, "failed")
-        self._end(study, trial, TrialState.FAIL, str(error).splitlines()[0])
+      except Exception as error:  # noqa: BLE001 - the trial fails, the study goes on
+        # A config the trial's devices do not accept (a ConfigError), or a fault of this
+        # trial (out of memory, a bug in a user's model): recorded with its reason, its
+        # traceback in the trial's log.txt. Left running, it would be taken up again and
+        # fail again, on every worker in turn.
+        with open(os.path.join(workdir, "log.txt"), "a") as log:
+          traceback.print_exc(file=log)
+        _log_attempt(workdir, number, self.label, checkpoint.latest_step(workdir), "failed")
+        why = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if not isinstance(error, ConfigError):
+          why = f"{type(error).__name__}: {why} (traceback in {workdir}/log.txt)"
+        self._end(study, trial, TrialState.FAIL, why)
         return
       self._record(trial, workdir, result.last_step, time.time() - started)
       _log_attempt(workdir, number, self.label, result.last_step, "complete")
@@ -201,8 +211,6 @@ class _Stopped(Exception):
 
 def _short(value: Any) -> str:
   return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 
 
 def _saved_recipe(workdir: str) -> dict[str, Any]:
