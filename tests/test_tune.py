@@ -407,20 +407,26 @@ def conditional_space(trial, config):
     config.optimizer.momentum = trial.suggest_float("optimizer.momentum", 0.5, 0.95)
 
 
-def test_a_diverged_trial_is_told_as_pruned_and_the_study_goes_on(tmp_path):
+def test_a_diverged_trial_is_pruned_and_a_failed_one_failed_and_the_study_goes_on(tmp_path):
   """A learning rate that makes the loss NaN: the trial ends pruned ("diverged"), so that
-  the sampler learns from it, and the study ends with its other trials."""
-  config = study_config(num_trials=2, pruner="none", sampler="grid")
+  the sampler learns from it. A batch larger than the training set: the trial fails with
+  the config's reason. The study ends with all its trials."""
+  config = study_config(num_trials=4, pruner="none", sampler="grid")
   config.parallel.cpu_devices = 1
   config.tune.space = ml_collections.ConfigDict(
-      {"optimizer": {"learning_rate": "choice(0.01, 1e12)"}})
+      {"optimizer": {"learning_rate": "choice(0.01, 1e12)"},
+       "train": {"batch_size": "choice(64, 8192)"}})
   result = tune_lib.tune(config, str(tmp_path / "study"))
   study = load(tmp_path / "study")
-  by_lr = {t.params["optimizer.learning_rate"]: t for t in study.trials}
-  assert by_lr[0.01].state == TrialState.COMPLETE
-  assert by_lr[1e12].state == TrialState.PRUNED
-  assert by_lr[1e12].user_attrs["why"].startswith("diverged at step ")
-  assert (result.complete, result.pruned, result.diverged, result.failed) == (1, 1, 1, 0)
+  trials = {(t.params["optimizer.learning_rate"], t.params["train.batch_size"]): t
+            for t in study.trials}
+  assert trials[0.01, 64].state == TrialState.COMPLETE
+  assert trials[1e12, 64].state == TrialState.PRUNED
+  assert trials[1e12, 64].user_attrs["why"].startswith("diverged at step ")
+  for lr in (0.01, 1e12):
+    assert trials[lr, 8192].state == TrialState.FAIL
+    assert "larger than the 4000 training examples" in trials[lr, 8192].user_attrs["why"]
+  assert (result.complete, result.pruned, result.diverged, result.failed) == (1, 1, 1, 2)
 
 
 def test_a_grid_larger_study_than_its_points_is_refused(tmp_path):
