@@ -21,6 +21,9 @@ one goes on):
                  steps: training steps until the running best is within --within
                  points of the same seed's unpruned study's best, and in all.
 
+Then the best config any search found is trained again with training seeds 1 and 2
+(OUT/noise/): the spread says how much of a difference between trials is noise.
+
 Every study runs --workers workers of one emulated CPU device each. Writes
 OUT/results.csv (one row per study), OUT/summary.json and OUT/tuning.png. --quick: two
 batch sizes, two trials, one seed, one worker (a smoke test).
@@ -164,6 +167,8 @@ def main():
                    "steps_planned": result.steps_planned, "pruned": result.pruned,
                    "diverged": result.diverged, "seconds": round(result.seconds, 1)})
   summary = summarise(finished, reference, _WITHIN.value)
+  if "search" in summary:
+    summary["noise"] = seed_noise(finished, summary, out, seeds=(1, 2) if not quick else (1,))
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   plot(finished, summary, reference, os.path.join(out, "tuning.png"))
@@ -214,6 +219,26 @@ def summarise(finished, reference: int, within: float) -> dict:
                    "pruned": r.pruned, "diverged": r.diverged, **same_best})
     summary["search"] = {"best_found": best, "within_points": within, "rows": rows}
   return summary
+
+
+def seed_noise(finished, summary, out: str, seeds) -> dict:
+  """The best config any search found, trained again with other training seeds
+  (config.seed): how much of a difference between trials is the seed's."""
+  import jaxddp
+  name = max((row for row in summary["search"]["rows"] if row["best_accuracy"] is not None),
+             key=lambda row: row["best_accuracy"])["study"]
+  result = next(r for (part, study), (r, _) in finished.items() if study == name)
+  accuracies = [result.best_value]
+  for seed in seeds:
+    config = result.best_config.copy_and_resolve_references()
+    config.seed = seed
+    run = jaxddp.train_and_evaluate(config, os.path.join(out, "noise", f"seed{seed}"))
+    accuracies.append(run.eval_metrics["accuracy"])
+  mean = sum(accuracies) / len(accuracies)
+  spread = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / max(1, len(accuracies) - 1))
+  return {"study": name, "trial": result.best_trial, "seeds": [0, *seeds],
+          "accuracies": accuracies, "mean": mean, "std": spread,
+          "range": max(accuracies) - min(accuracies)}
 
 
 def plot(finished, summary, reference: int, path: str) -> None:

@@ -126,5 +126,6 @@ def test_tuning_quick(tmp_path):
   lr = {r["batch_size"]: r for r in summary["lr_vs_batch"]["rows"]}
   assert lr[64]["linear_rule_lr"] == lr[128]["tuned_lr"] * 64 / 128  # anchored at batch 128
   assert summary["search"]["best_found"] == max(float(r["best_accuracy"]) for r in rows[2:])
+  assert summary["noise"]["seeds"] == [0, 1] and len(summary["noise"]["accuracies"]) == 2
   with open(tmp_path / "tuning.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
