@@ -187,15 +187,24 @@ def summarise(finished, reference: int, within: float) -> dict:
     rows = []
     for b in sorted(lr):
       r = lr[b]
+      # Near the optimum the curve is flat within the noise: the band of rates within
+      # --within points of the best says more than the single best one.
+      curve = [(t.params["optimizer.learning_rate"], t.value) for t in r.study.trials
+               if t.value is not None and t.state.name == "COMPLETE"]
+      good = [lr for lr, value in curve if r.best_value is not None and
+              value >= r.best_value - within / 100]
       row = {"batch_size": b, "best_accuracy": r.best_value, "tuned_lr": tuned.get(b),
-             "diverged": r.diverged}
+             "good_lr_low": min(good, default=None), "good_lr_high": max(good, default=None),
+             "diverged": r.diverged,
+             "curve": sorted(curve)}
       if base_lr and b in tuned:
         row["linear_rule_lr"] = base_lr * b / reference
         row["sqrt_rule_lr"] = base_lr * math.sqrt(b / reference)
         row["tuned_over_linear"] = tuned[b] / row["linear_rule_lr"]
         row["tuned_over_sqrt"] = tuned[b] / row["sqrt_rule_lr"]
       rows.append(row)
-    summary["lr_vs_batch"] = {"reference_batch_size": reference, "rows": rows}
+    summary["lr_vs_batch"] = {"reference_batch_size": reference, "within_points": within,
+                              "rows": rows}
   searches = {name: (result, fields) for (part, name), (result, fields) in finished.items()
               if part in ("samplers", "pruning")}
   if searches:
@@ -254,7 +263,10 @@ def plot(finished, summary, reference: int, path: str) -> None:
     rows = [r for r in summary["lr_vs_batch"]["rows"] if r["tuned_lr"]]
     sizes = [r["batch_size"] for r in rows]
     ax = axes.pop(0)
-    ax.loglog(sizes, [r["tuned_lr"] for r in rows], "o-", label="tuned (best of TPE)")
+    ax.loglog(sizes, [r["tuned_lr"] for r in rows], "o-", label="tuned (best on the grid)")
+    ax.fill_between(sizes, [r["good_lr_low"] for r in rows], [r["good_lr_high"] for r in rows],
+                    alpha=0.2, label=f"within {summary['lr_vs_batch']['within_points']} "
+                    "points of the best")
     if rows and "linear_rule_lr" in rows[0]:
       ax.loglog(sizes, [r["linear_rule_lr"] for r in rows], "--", label="linear rule")
       ax.loglog(sizes, [r["sqrt_rule_lr"] for r in rows], ":", label="square-root rule")
