@@ -544,9 +544,11 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict,
     return []
   now = _fields(config.to_dict(), given)
   show = lambda fields, name: json.dumps(fields[name]) if name in fields else "(absent)"
+  # config.tune is a study's settings (jaxddp.tune), which no run reads.
   return [f"{name} changed since this workdir's config.json: {show(before, name)} -> "
           f"{show(now, name)}" for name in sorted(set(before) | set(now))
-          if name not in before or name not in now or before[name] != now[name]]
+          if not name.startswith("config.tune.") and
+          (name not in before or name not in now or before[name] != now[name])]
 
 
 def _save_config(workdir: str, run: Setup) -> None:
