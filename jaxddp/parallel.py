@@ -82,7 +82,7 @@ def select_devices(cpu_devices: int) -> list[jax.Device]:
 
 
 # Set by jaxddp.tune in each worker process: which of the host's devices the process was
-# given (e.g. "cpu 2,3 of 0-7"), since a process sees its own group numbered from 0.
+# given (e.g. "2,3 of 0-7"), since a process sees its own group numbered from 0.
 DEVICE_GROUP_VARIABLE = "JAXDDP_DEVICE_GROUP"
 
 
