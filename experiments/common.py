@@ -45,6 +45,7 @@ def guarded(script: str, body: Callable[[], None]) -> None:
   """body() with run's handling of errors and interrupts (without absl: for tests)."""
   from jaxddp.config import ConfigError
   from jaxddp.train import NonFiniteLossError, TrainingInterrupted
+  from jaxddp.tune import StudyInterrupted
   try:
     body()
   except (Error, ConfigError) as error:
@@ -53,7 +54,7 @@ def guarded(script: str, body: Callable[[], None]) -> None:
   except NonFiniteLossError as error:  # a run of the sweep diverged: as jaxddp.main says it
     print(f"{script}: error: {error}", file=sys.stderr)
     sys.exit(1)
-  except (KeyboardInterrupt, TrainingInterrupted):
+  except (KeyboardInterrupt, TrainingInterrupted, StudyInterrupted):
     print(f"{script}: interrupted; the finished runs are kept, and the same command "
           "continues", file=sys.stderr)
     sys.exit(130)

@@ -88,7 +88,7 @@ class Worker:
           time.sleep(POLL_SECONDS)  # others still run: one may die and need taking up
           continue
         self._run_trial(study, trial_id)
-    raise _Stopped(stop.received)
+    raise StudyInterrupted(stop.received)
 
   def _run_trial(self, study, trial_id: int) -> None:
     import optuna
@@ -203,7 +203,10 @@ class Worker:
           f"trials ended{best}", flush=True)
 
 
-class _Stopped(Exception):
+class StudyInterrupted(Exception):
+  """SIGTERM or Ctrl-C stopped the study's workers; their trials saved checkpoints and went
+  back to the study, and the same command goes on."""
+
   def __init__(self, signum: int):
     super().__init__(signal.Signals(signum).name)
     self.signum = signum
@@ -316,7 +319,7 @@ def _worker_process(config, workdir, dimensions, label, devices, group, space, o
   config = _use_group(config, devices, group)
   try:
     Worker(config, workdir, dimensions, label, space, objects).run()
-  except (_Stopped, TrainingInterrupted) as stopped:
+  except (StudyInterrupted, TrainingInterrupted) as stopped:
     sys.exit(128 + stopped.signum)
   except ConfigError as error:
     print(f"jaxddp.tune: error: [{label}] {error}", file=sys.stderr, flush=True)
@@ -356,7 +359,7 @@ def _run_workers(config, workdir, dimensions, devices, space, objects) -> None:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
   if received:
-    raise _Stopped(received[0])
+    raise StudyInterrupted(received[0])
   failed = [f"{p.name} exited with status {p.exitcode}" for p in processes if p.exitcode]
   if failed:
     raise RuntimeError("; ".join(failed) + " (see its lines above)")
@@ -488,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     tune(config_flag.value, workdir_flag.value, workers=workers_flag.value)
   except ConfigError as error:
     fail(str(error), 2, program="jaxddp.tune")
-  except (_Stopped, train.TrainingInterrupted) as stopped:
+  except (StudyInterrupted, train.TrainingInterrupted) as stopped:
     print(f"jaxddp.tune: stopped by {signal.Signals(stopped.signum).name}; the running trials "
           "saved checkpoints and went back to the study: run the same command again to go on",
           file=sys.stderr, flush=True)
