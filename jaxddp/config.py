@@ -80,6 +80,17 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
   return value
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """A nested dict as {"prefix" + "section.field": value}, leaves only."""
+  out: dict[str, Any] = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 # Sections whose fields are the user's: their own (extra), or a search space that mirrors
 # the config (tune.space, checked by jaxddp.tune against the config's fields).
 FREE_FORM = ("extra", "tune.space")

@@ -155,16 +155,6 @@ def parse_dimension(field: str, text: str, current: Any) -> Dimension:
                                                                        log=log))
 
 
-def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_leaves(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def parse_space(config: ml_collections.ConfigDict,
                 given: tuple[str, ...] = ()) -> list[Dimension]:
   """config.tune.space as Dimensions (fields left "" are not searched), each checked against
@@ -172,7 +162,7 @@ def parse_space(config: ml_collections.ConfigDict,
   distribution is well formed, and every choice (or both ends of a range) gives a config
   that validates."""
   dimensions = []
-  for field, text in _leaves(config.tune.space.to_dict()).items():
+  for field, text in config_lib.flatten(config.tune.space.to_dict()).items():
     if text == "":
       continue
     if not isinstance(text, str):

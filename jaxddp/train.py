@@ -515,19 +515,9 @@ def describe(value: Any) -> str:
   return f"{getattr(named, '__module__', '?')}:{getattr(named, '__qualname__', repr(named))}"
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def _fields(config: dict[str, Any], given: dict[str, str]) -> dict[str, Any]:
   """{"config.train.num_steps": 20, ..., "given model": "my_models:MLP"}, as JSON values."""
-  fields = _flatten(json.loads(json.dumps(config, default=str)), "config.")
+  fields = config_lib.flatten(json.loads(json.dumps(config, default=str)), "config.")
   fields.update({f"given {name}": value for name, value in given.items()})
   return fields
 
