@@ -19,9 +19,21 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from flax import traverse_util
+from orbax.checkpoint._src.metadata import array_metadata_store as _array_metadata_store  # pinned
 
 from jaxddp.errors import ConfigError
 from jaxddp.state import TrainState, checkpoint_items, with_checkpoint_items
+
+# Replicated arrays are written from one copy. Orbax's default on CPU ("replica parallel")
+# has each of the devices write a slice of every replicated array, which takes a jitted
+# slice per leaf and device: with 8 emulated CPU devices that was most of a small run's
+# checkpoint time (1.6 s of a 7 s run). Orbax already writes so on GPU; the files read
+# back the same either way.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=False,
+        array_metadata_store=_array_metadata_store.Store()),  # as orbax's default handler
+    override=True)
 
 
 def _leaves(tree: Any) -> dict[str, Any]:

@@ -169,10 +169,22 @@ def test_compute_optimal_quick_uses_the_flops_the_runs_report(tmp_path):
   assert fit["runs"] == 6 and fit["budgets"] == [1e8, 2e8]
   with open(tmp_path / "isoflop.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # The planner is checked on the quick sweep's family of widths (what its runs measured)
+  # with a power law and a loss surface set here: six runs of a few steps give fits too
+  # noisy to plan from (one CI run fitted alpha=-3.8, which Fit.load rightly refuses).
+  # N_opt is the second width's N at 8e8 FLOPs and grows as C^10, so 1e10 plans a width
+  # far too large for a single step.
+  family = scaling.Family(**fit["family"])
+  power = {"a": 10.0, "log10_k_params": math.log10(family.params[1]) - 10 * math.log10(8e8)}
+  surface = {"E": 1.0, "A": 100.0, "B": 100.0, "alpha": 0.3, "beta": 0.3}
+  fit = dict(fit, isoflop=dict(power, bootstrap=[power]),
+             surface=dict(surface, bootstrap=[surface]))
+  (tmp_path / "fit.json").write_text(json.dumps(fit))
   planned = _run(["-m", "experiments.compute_optimal", f"--fit={tmp_path}/fit.json",
                   "--predict=8e8"], timeout=120)
   assert planned.returncode == 0, planned.stderr[-3000:]
-  assert planned.stdout.startswith("budget 8e+08 FLOPs: width ")
+  assert planned.stdout.startswith(f"budget 8e+08 FLOPs: width {family.widths[1]} "), \
+      planned.stdout
   refused = _run(["-m", "experiments.compute_optimal", f"--fit={tmp_path}/fit.json",
                   "--predict=3e10"], timeout=120)
   assert refused.returncode == 2

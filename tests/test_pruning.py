@@ -365,16 +365,20 @@ def test_infobatch_needs_a_length_in_whole_epochs():
 def test_a_larger_mnist1d_keeps_the_standard_examples_and_test_set(tmp_path, monkeypatch):
   from jaxddp.data import embedded
   monkeypatch.setenv("JAXDDP_CACHE", str(tmp_path))
+  embedded.mnist1d.cache_clear()  # generated here, and cached in tmp_path
   standard = embedded.mnist1d()
   larger = embedded.mnist1d(4205)
   assert (standard.num_train_examples, larger.num_train_examples) == (4000, 4205)
   np.testing.assert_array_equal(larger.train_x[:4000], standard.train_x)
   np.testing.assert_array_equal(larger.test_x, standard.test_x)
   assert not np.isin(larger.train_x[4000:, 0, 0], standard.train_x[:, 0, 0]).all()  # fresh
-  cached = list(tmp_path.iterdir())
-  assert [p.name for p in cached] == ["mnist1d_extra_seed43_210.npz"]
-  np.testing.assert_array_equal(embedded._cached_mnist1d(205)[0].astype(np.float32),
-                                larger.train_x[4000:, :, 0])  # read back from the cache
+  from importlib import metadata
+  version = metadata.version("mnist1d")
+  cached = sorted(p.name for p in tmp_path.iterdir())
+  assert cached == [f"mnist1d_{version}_210_1_seed43.npz", f"mnist1d_{version}_5000_0.8_seed42.npz"]
+  embedded.mnist1d.cache_clear()  # read back from the files
+  np.testing.assert_array_equal(embedded.mnist1d(4205).train_x, larger.train_x)
+  np.testing.assert_array_equal(embedded.mnist1d().test_y, standard.test_y)
   assert embedded.mnist1d(1000).num_train_examples == 1000
 
 
