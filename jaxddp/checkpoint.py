@@ -24,17 +24,6 @@ from orbax.checkpoint._src.metadata import array_metadata_store as _array_metada
 from jaxddp.errors import ConfigError
 from jaxddp.state import TrainState, checkpoint_items, with_checkpoint_items
 
-# Replicated arrays are written from one copy. Orbax's default on CPU ("replica parallel")
-# has each of the devices write a slice of every replicated array, which takes a jitted
-# slice per leaf and device: with 8 emulated CPU devices that was most of a small run's
-# checkpoint time (1.6 s of a 7 s run). Orbax already writes so on GPU; the files read
-# back the same either way.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(
-        use_replica_parallel=False,
-        array_metadata_store=_array_metadata_store.Store()),  # as orbax's default handler
-    override=True)
-
 
 def _leaves(tree: Any) -> dict[str, Any]:
   """{"stage1_conv1/kernel": leaf, ...} for a nested dict of arrays or array metadata."""
@@ -60,6 +49,19 @@ def _quiet_absl():
     yield
   finally:
     absl_logging.set_verbosity(previous)
+
+
+# Replicated arrays are written from one copy. Orbax's default on CPU ("replica parallel")
+# has each of the devices write a slice of every replicated array, which takes a jitted
+# slice per leaf and device: with 8 emulated CPU devices that was most of a small run's
+# checkpoint time (1.6 s of a 7 s run). Orbax already writes so on GPU; the files read
+# back the same either way.
+with _quiet_absl():  # orbax warns that it overrides the default handler
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          use_replica_parallel=False,
+          array_metadata_store=_array_metadata_store.Store()),  # as orbax's default handler
+      override=True)
 
 
 def has_checkpoint(workdir: str) -> bool:

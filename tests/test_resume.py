@@ -22,7 +22,7 @@ import pytest
 
 from conftest import REPO, run_main
 
-TOTAL_STEPS = 1200
+TOTAL_STEPS = 400
 MODELS = {"cnn": [], "dropout": ["--config.model.name=user_models:DropoutCNN"],
           # InfoBatch: 8 epochs of varying length (about 370 steps), planned from the loss
           # table in the checkpoint; the kill lands inside an epoch.
@@ -84,7 +84,7 @@ def _start_and_stop(workdir, sig, model):
 
 
 # SIGKILL with the dropout model covers the CNN's case too (no randomness is the simpler
-# one); each case costs two runs of 1200 steps.
+# one); each case costs two runs of 400 steps.
 @pytest.mark.parametrize("sig, model", [(signal.SIGTERM, "cnn"), (signal.SIGKILL, "dropout"),
                                         (signal.SIGKILL, "infobatch")],
                          ids=["sigterm", "sigkill-dropout", "sigkill-infobatch"])
