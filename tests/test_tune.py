@@ -201,6 +201,23 @@ def test_the_command_line_says_one_line_and_exits_2(tmp_path):
   assert not (tmp_path / "study").exists()
 
 
+def test_trials_share_compiled_programs_through_a_cache_in_the_workdir(tmp_path):
+  """Without a cache set, a worker turns one on in its workdir and what it compiles is
+  written there; a cache the user set is left alone (this test process has one)."""
+  import jax
+  before = jax.config.jax_compilation_cache_dir
+  tune_lib.share_compiled_programs(str(tmp_path / "ignored"))
+  assert jax.config.jax_compilation_cache_dir == before and before
+  program = ("import sys, jax, jax.numpy as jnp\n"
+             "from jaxddp import tune\n"
+             "tune.share_compiled_programs(sys.argv[1])\n"
+             "jax.jit(lambda x: jnp.sin(x) * 2).lower(jnp.ones(3)).compile()\n")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  subprocess.run([sys.executable, "-c", program, str(tmp_path)], cwd=REPO, env=env, check=True,
+                 timeout=120)
+  assert len(os.listdir(tmp_path / "compile_cache")) >= 1
+
+
 # --- Studies ---------------------------------------------------------------------------------
 
 def ended(study):
