@@ -254,10 +254,12 @@ def plot(finished, summary, reference: int, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  # Two panels for each part: the learning rates and accuracy against the batch size; the
+  # searches' running best against trials (samplers) and against steps (pruning).
   panels = [p for p in ("lr_vs_batch", "search") if p in summary]
   if not panels:
     return
-  figure, axes = plt.subplots(1, 1 + len(panels), figsize=(6 * (1 + len(panels)), 4.5))
+  figure, axes = plt.subplots(1, 2 * len(panels), figsize=(6 * 2 * len(panels), 4.5))
   axes = list(axes)
   if "lr_vs_batch" in summary:
     rows = [r for r in summary["lr_vs_batch"]["rows"] if r["tuned_lr"]]
@@ -280,27 +282,45 @@ def plot(finished, summary, reference: int, path: str) -> None:
     ax.set_ylabel("best test accuracy (%)")
     ax.set_title("best accuracy at equal epochs")
   if "search" in summary:
-    ax = axes.pop(0)
+    by_trials, by_steps = axes.pop(0), axes.pop(0)
     colours = {"tpe_none": "C0", "random_none": "C1", "tpe_asha": "C2"}
+    styles = ["-", "--", ":", "-."]
+    seeds = sorted({f["seed"] for (part, _), (_, f) in finished.items() if part != "lr_vs_batch"})
+    best_found = 100 * summary["search"]["best_found"]
     for (part, name), (result, fields) in sorted(finished.items()):
       if part == "lr_vs_batch":
         continue
-      steps, best, xs, ys = 0, -1.0, [], []
-      for value, steps_run, _ in trials_in_order(result.study):
+      kind = f"{fields['sampler']}_{fields['pruner']}"
+      steps, best, counts, step_counts, ys = 0, -1.0, [], [], []
+      for count, (value, steps_run, _) in enumerate(trials_in_order(result.study), start=1):
         steps += steps_run
         if value is not None:
           best = max(best, value)
         if best >= 0:
-          xs.append(steps)
+          counts.append(count)
+          step_counts.append(steps)
           ys.append(100 * best)
-      kind = f"{fields['sampler']}_{fields['pruner']}"
-      ax.step(xs, ys, where="post", color=colours.get(kind, "k"),
-              label=kind.replace("_", " + ") if fields["seed"] == min(
-                  f["seed"] for _, f in finished.values() if "seed" in f) else None)
-    ax.set_xlabel("training steps spent by the search")
-    ax.set_ylabel("best test accuracy so far (%)")
-    ax.set_title("searches (one line per seed)")
-    ax.legend()
+      style = dict(where="post", color=colours.get(kind, "k"),
+                   linestyle=styles[seeds.index(fields["seed"]) % len(styles)],
+                   label=f"{kind.replace('_', ' + ')}, seed {fields['seed']}",
+                   # pruned searches are short: drawn over the others
+                   linewidth=2.5 if fields["pruner"] != "none" else 1.5,
+                   zorder=3 if fields["pruner"] != "none" else 2)
+      if fields["pruner"] == "none":
+        by_trials.step(counts, ys, **style)
+      if fields["sampler"] == "tpe":
+        by_steps.step(step_counts, ys, **style)
+    within = summary["search"]["within_points"]  # points
+    by_steps.set_xscale("log")  # pruned searches end 4 to 7 times sooner
+    for ax, xlabel, title in ((by_trials, "trials run", "TPE against random search"),
+                              (by_steps, "training steps run (log)", "TPE: ASHA against none")):
+      ax.axhline(best_found - within, color="grey", linewidth=0.8,
+                 label=f"{within:g} points below the best found")
+      ax.set_ylim(best_found - 3, best_found + 0.5)  # the last 3 points, where they differ
+      ax.set_xlabel(xlabel)
+      ax.set_ylabel("best test accuracy so far (%)")
+      ax.set_title(title)
+      ax.legend(fontsize=8, loc="lower right")
   figure.tight_layout()
   figure.savefig(path, dpi=100)
 
