@@ -58,23 +58,3 @@ def run_main(args, env=None, timeout=300, cwd=REPO):
   return subprocess.run([sys.executable, "-m", "jaxddp.main", *args], cwd=cwd,
                         capture_output=True, text=True, timeout=timeout, env=full_env)
 
-
-# pytest-xdist (--dist loadfile, pyproject.toml) hands whole files to its workers in
-# collection order, so a long file collected late can leave one worker running it alone
-# while the other has finished (50 s of 1125 in one measured run). The longest files
-# (seconds of one measured run, cold caches) go first; the rest keep their order.
-LONGEST_FILES = ("test_multihost.py",  # 295 s
-                 "test_faults.py",  # 228 s
-                 "test_experiments.py",  # 195 s
-                 "test_recipes.py",  # 178 s
-                 "test_tune_workers.py",  # 138 s
-                 "test_compute_optimal.py",  # 118 s
-                 "test_tune.py",  # 102 s
-                 "test_tfds_pipeline.py")  # 101 s
-
-
-def pytest_collection_modifyitems(items):
-  def rank(item):
-    name = os.path.basename(str(item.fspath))
-    return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
-  items.sort(key=rank)  # stable: a file's tests keep their order
