@@ -57,4 +57,3 @@ def run_main(args, env=None, timeout=300, cwd=REPO):
   full_env.update(env or {})
   return subprocess.run([sys.executable, "-m", "jaxddp.main", *args], cwd=cwd,
                         capture_output=True, text=True, timeout=timeout, env=full_env)
-

@@ -375,7 +375,8 @@ def test_a_larger_mnist1d_keeps_the_standard_examples_and_test_set(tmp_path, mon
   from importlib import metadata
   version = metadata.version("mnist1d")
   cached = sorted(p.name for p in tmp_path.iterdir())
-  assert cached == [f"mnist1d_{version}_210_1_seed43.npz", f"mnist1d_{version}_5000_0.8_seed42.npz"]
+  assert cached == [f"mnist1d_{version}_210_1_seed43.npz",
+                    f"mnist1d_{version}_5000_0.8_seed42.npz"]
   embedded.mnist1d.cache_clear()  # read back from the files
   np.testing.assert_array_equal(embedded.mnist1d(4205).train_x, larger.train_x)
   np.testing.assert_array_equal(embedded.mnist1d().test_y, standard.test_y)
